@@ -1,0 +1,185 @@
+//! pgengine-bench: pgengine side by side with its peers, in one run against
+//! one server, interleaved. See `--help` and the crate's BENCHMARKS.md.
+
+mod chart;
+mod data;
+mod measure;
+mod proxy;
+mod report;
+mod runner;
+mod server;
+mod systems;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::data::{STREAM_BIG_TABLE, STREAM_TABLE};
+use crate::measure::Timing;
+use crate::runner::{Plan, Runner};
+use crate::server::Server;
+use crate::systems::System;
+use crate::systems::piccolo::Piccolo;
+use crate::workloads::Workload;
+
+/// Benchmarks pgengine against tokio-postgres, deadpool-postgres, sqlx,
+/// Piccolo (asyncpg) and pgbench on one PostgreSQL server
+/// (`DATABASE_URL`, or an ephemeral cluster).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Tiny sizes and durations: everything in seconds (what CI runs).
+    #[arg(long)]
+    quick: bool,
+    /// Also stream a 10M-row table, to show memory stays flat.
+    #[arg(long)]
+    big: bool,
+    /// Measured seconds per repetition (default 3, quick 0.3).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Repetitions per system and workload; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Only these systems (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    systems: Vec<System>,
+    /// Output directory for results.json, chart.png and the Piccolo virtualenv.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where to write BENCHMARKS.md (default: the crate's, or OUT's in quick mode).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Streams one table in this process and prints a JSON report (internal).
+    #[command(hide = true)]
+    StreamChild {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        table: String,
+        #[arg(long)]
+        rows: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::StreamChild { system, url, table, rows }) = &cli.command {
+        let report = systems::stream::run_child(*system, url, table, *rows).await?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    run(cli).await
+}
+
+/// The benchmark proper.
+async fn run(cli: Cli) -> Result<()> {
+    let plan = plan(&cli);
+    let out = cli.out.clone().unwrap_or_else(default_out_dir);
+    std::fs::create_dir_all(&out)?;
+    let markdown = cli.markdown.clone().unwrap_or_else(|| {
+        if cli.quick {
+            out.join("BENCHMARKS.md")
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md")
+        }
+    });
+
+    let server = Server::start().await?;
+    let info = server.describe().await?;
+    eprintln!("server: PostgreSQL {} ({})", info.version, info.origin);
+    let mut streams = vec![(STREAM_TABLE, plan.stream_rows)];
+    if let Some(rows) = plan.big_rows {
+        streams.push((STREAM_BIG_TABLE, rows));
+    }
+    data::load(&server.url, &server.bin_dir, plan.scale, &streams).await?;
+
+    let piccolo = if plan.systems.contains(&System::Piccolo) {
+        Piccolo::prepare(&out.join("venv"), !cli.quick)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    } else {
+        Err("not selected".into())
+    };
+    if let Err(reason) = &piccolo {
+        eprintln!("piccolo skipped: {reason}");
+    }
+
+    let runner = Runner::new(plan.clone(), server.url.clone(), server.bin_dir.clone(), out.clone(), piccolo).await?;
+    let outcomes = runner.run().await;
+
+    let report = report::Report::new(plan, info, command_line(), outcomes);
+    println!("{}", report.table());
+    println!("{}", report.targets_section());
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&markdown, report.benchmarks_md())?;
+    match chart::draw(&report, &out.join("chart.png")) {
+        Ok(()) => eprintln!("wrote {}", out.join("chart.png").display()),
+        Err(e) => eprintln!("no chart: {e:#}"),
+    }
+    eprintln!("wrote {} and {}", out.join("results.json").display(), markdown.display());
+    Ok(())
+}
+
+/// Sizes and durations from the flags.
+fn plan(cli: &Cli) -> Plan {
+    let secs = |s: f64| Duration::from_secs_f64(s);
+    let duration = cli.duration.unwrap_or(if cli.quick { 0.3 } else { 3.0 });
+    let warmup = if cli.quick { 0.1 } else { 0.5 };
+    let systems = if cli.systems.is_empty() {
+        System::ALL.to_vec()
+    } else {
+        cli.systems.clone()
+    };
+    let workloads = Workload::ALL
+        .into_iter()
+        .filter(|w| *w != Workload::StreamBig || (cli.big && !cli.quick))
+        .collect();
+    Plan {
+        quick: cli.quick,
+        scale: if cli.quick { 1 } else { 10 },
+        stream_rows: if cli.quick { 20_000 } else { 1_000_000 },
+        big_rows: (cli.big && !cli.quick).then_some(10_000_000),
+        timing: Timing {
+            warmup: secs(warmup),
+            duration: secs(duration),
+        },
+        proxy_timing: Timing {
+            warmup: secs(warmup * 2.0),
+            duration: secs(duration * 2.0),
+        },
+        reps: cli.reps.max(1),
+        systems,
+        workloads,
+    }
+}
+
+/// `target/bench` of the workspace (or of `CARGO_TARGET_DIR`).
+fn default_out_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("bench")
+}
+
+/// How this run was invoked, as a cargo command.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut command = "cargo run --release -p pgengine-bench".to_string();
+    if !args.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&args.join(" "));
+    }
+    command
+}

@@ -1,0 +1,254 @@
+//! Runs every workload for every system in one process against one server,
+//! interleaved: each repetition visits every system before the next starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::data::{self, STREAM_BIG_TABLE, STREAM_TABLE};
+use crate::measure::{Sample, Session, Timing, Window, closed_loop};
+use crate::proxy::DelayProxy;
+use crate::systems::deadpool::{self, DeadpoolSession};
+use crate::systems::piccolo::Piccolo;
+use crate::systems::sqlx::{self as sqlx_sys, SqlxSession};
+use crate::systems::tokio_pg::TokioPgSession;
+use crate::systems::{System, pgbench, stream};
+use crate::workloads::Workload;
+
+/// Latency the proxy adds in each direction.
+pub const PROXY_DELAY: Duration = Duration::from_millis(1);
+
+/// Sizes and durations of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    /// pgbench scale: 100 000 accounts per unit.
+    pub scale: u32,
+    pub stream_rows: u64,
+    /// Rows of the big streaming table, when `--big` is given.
+    pub big_rows: Option<u64>,
+    pub timing: Timing,
+    /// Timing of the proxied atomic (slow systems need longer to do a few).
+    pub proxy_timing: Timing,
+    pub reps: usize,
+    pub systems: Vec<System>,
+    pub workloads: Vec<Workload>,
+}
+
+impl Plan {
+    pub fn accounts(&self) -> i32 {
+        (self.scale * 100_000) as i32
+    }
+
+    fn stream_table(&self, workload: Workload) -> (&'static str, u64) {
+        match workload {
+            Workload::StreamBig => (STREAM_BIG_TABLE, self.big_rows.unwrap_or_default()),
+            _ => (STREAM_TABLE, self.stream_rows),
+        }
+    }
+}
+
+/// All repetitions of one system on one workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub workload: Workload,
+    pub system: System,
+    pub samples: Vec<Sample>,
+    /// Why the system did not run (not built, Python missing, …).
+    pub skipped: Option<String>,
+    /// The error that stopped its measurements.
+    pub error: Option<String>,
+}
+
+/// Everything a measurement needs.
+pub struct Runner {
+    pub plan: Plan,
+    pub url: String,
+    pub bin_dir: PathBuf,
+    pub scratch: PathBuf,
+    pub piccolo: Result<Piccolo, String>,
+    proxy: DelayProxy,
+    proxy_url: String,
+}
+
+impl Runner {
+    pub async fn new(plan: Plan, url: String, bin_dir: PathBuf, scratch: PathBuf, piccolo: Result<Piccolo, String>) -> Result<Self> {
+        let (upstream, proxy_url) = proxied(&url)?;
+        let proxy = DelayProxy::start(upstream, PROXY_DELAY).await?;
+        let proxy_url = proxy_url.replace("{}", &proxy.addr().to_string());
+        Ok(Self {
+            plan,
+            url,
+            bin_dir,
+            scratch,
+            piccolo,
+            proxy,
+            proxy_url,
+        })
+    }
+
+    /// Runs the plan, printing a line per measurement to stderr.
+    pub async fn run(&self) -> Vec<Outcome> {
+        let mut all = Vec::new();
+        for &workload in &self.plan.workloads {
+            let mut outcomes: Vec<Outcome> = self
+                .plan
+                .systems
+                .iter()
+                .filter(|s| s.supports(workload))
+                .map(|&system| Outcome {
+                    workload,
+                    system,
+                    samples: Vec::new(),
+                    skipped: self.skip_reason(system),
+                    error: None,
+                })
+                .collect();
+            let n = outcomes.len();
+            for rep in 0..self.plan.reps {
+                // Rotate the starting system so none always runs first.
+                for k in 0..n {
+                    let outcome = &mut outcomes[(k + rep) % n];
+                    if outcome.skipped.is_some() || outcome.error.is_some() {
+                        continue;
+                    }
+                    match self.measure(workload, outcome.system).await {
+                        Ok(sample) => {
+                            eprintln!(
+                                "{:<28} {:<18} rep {}: {:>12.1} {}",
+                                workload.id(),
+                                outcome.system.name(),
+                                rep + 1,
+                                sample.throughput(),
+                                workload.unit()
+                            );
+                            outcome.samples.push(sample);
+                        }
+                        Err(e) => {
+                            eprintln!("{:<28} {:<18} failed: {e:#}", workload.id(), outcome.system.name());
+                            outcome.error = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+            all.extend(outcomes);
+        }
+        all
+    }
+
+    fn skip_reason(&self, system: System) -> Option<String> {
+        match system {
+            System::Pgengine if !cfg!(feature = "pgengine") => {
+                Some("built without the `pgengine` feature".into())
+            }
+            System::Piccolo => self.piccolo.as_ref().err().cloned(),
+            _ => None,
+        }
+    }
+
+    /// One repetition of `system` on `workload`.
+    async fn measure(&self, workload: Workload, system: System) -> Result<Sample> {
+        if workload.is_stream() {
+            let (table, rows) = self.plan.stream_table(workload);
+            return match system {
+                System::Piccolo => self.piccolo()?.stream(&self.url, table).await,
+                _ => stream::measure_in_child(system, &self.url, table, rows).await,
+            };
+        }
+        let proxied = workload == Workload::AtomicProxy;
+        let (url, timing) = if proxied {
+            (self.proxy_url.as_str(), self.plan.proxy_timing)
+        } else {
+            (self.url.as_str(), self.plan.timing)
+        };
+        if matches!(workload, Workload::Atomic | Workload::AtomicProxy) {
+            data::reset_atomic(&self.url).await?;
+        }
+        let (mut sample, window) = self.closed_loop(system, workload, url, timing).await?;
+        if proxied && sample.ops > 0 {
+            let window = window.context("no measured window")?;
+            let trips = self.proxy.round_trips_between(window.from, window.to);
+            sample.round_trips = Some(trips as f64 / sample.ops as f64);
+        }
+        Ok(sample)
+    }
+
+    async fn closed_loop(&self, system: System, workload: Workload, url: &str, timing: Timing) -> Result<(Sample, Option<Window>)> {
+        let op = workload.op(self.plan.accounts()).context("not a closed-loop workload")?;
+        let clients = workload.concurrency();
+        let measured = match system {
+            System::TokioPostgres => {
+                let mut sessions = Vec::with_capacity(clients);
+                for _ in 0..clients {
+                    sessions.push(TokioPgSession::open(url).await?);
+                }
+                closed_loop(sessions, timing, op).await?
+            }
+            System::Deadpool => {
+                let pool = deadpool::pool(url, clients).await?;
+                let result = closed_loop(handles(clients, || DeadpoolSession(pool.clone())), timing, op).await;
+                pool.close();
+                result?
+            }
+            System::Sqlx => {
+                let pool = sqlx_sys::pool(url, clients).await?;
+                let result = closed_loop(handles(clients, || SqlxSession(pool.clone())), timing, op).await;
+                pool.close().await;
+                result?
+            }
+            #[cfg(feature = "pgengine")]
+            System::Pgengine => {
+                use crate::systems::pgengine::{PgengineSession, engine};
+                let engine = engine(url, clients).await?;
+                let result = closed_loop(handles(clients, || PgengineSession(engine.clone())), timing, op).await;
+                engine.close_connection_pool().await;
+                result?
+            }
+            System::Piccolo => {
+                let accounts = self.plan.accounts();
+                self.piccolo()?.closed_loop(url, workload, accounts, timing).await?
+            }
+            System::Pgbench => {
+                let sample = pgbench::run(&self.bin_dir, url, workload, timing, &self.scratch).await?;
+                return Ok((sample, None));
+            }
+            other => bail!("{} cannot run {}", other.name(), workload.title()),
+        };
+        let (sample, window) = measured;
+        Ok((sample, Some(window)))
+    }
+
+    fn piccolo(&self) -> Result<&Piccolo> {
+        self.piccolo.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// `n` handles on one shared pool.
+fn handles<S: Session>(n: usize, make: impl Fn() -> S) -> Vec<S> {
+    (0..n).map(|_| make()).collect()
+}
+
+/// The server's TCP address, and its URL with `{}` in place of host:port.
+fn proxied(url: &str) -> Result<(std::net::SocketAddr, String)> {
+    use std::net::ToSocketAddrs;
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => bail!("the delay proxy needs a TCP host in the URL"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let upstream = (host.as_str(), port)
+        .to_socket_addrs()?
+        .next()
+        .context("server host does not resolve")?;
+    let scheme_end = url.find("://").context("not a URL")? + 3;
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let host_start = url[scheme_end..authority_end]
+        .rfind('@')
+        .map_or(scheme_end, |i| scheme_end + i + 1);
+    Ok((upstream, format!("{}{{}}{}", &url[..host_start], &url[authority_end..])))
+}

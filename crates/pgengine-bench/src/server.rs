@@ -1,0 +1,90 @@
+//! The one PostgreSQL server of a run: `DATABASE_URL` when set, else an
+//! ephemeral cluster from `pgengine-testing` with benchmark settings.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use pgengine_testing::{EphemeralCluster, find_bin_dir};
+use serde::Serialize;
+
+use crate::systems::tokio_pg;
+
+/// Server settings of the ephemeral cluster (on top of pgengine-testing's
+/// defaults, which turn durability off: the benchmark measures clients).
+const SETTINGS: &[(&str, &str)] = &[
+    ("shared_buffers", "256MB"),
+    ("max_connections", "200"),
+    ("work_mem", "16MB"),
+];
+
+/// Settings reported in BENCHMARKS.md.
+const REPORTED: &[&str] = &[
+    "max_connections",
+    "shared_buffers",
+    "work_mem",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+];
+
+/// A running server and where its binaries are.
+pub struct Server {
+    pub url: String,
+    pub bin_dir: PathBuf,
+    /// Where the server came from, for the report.
+    pub origin: String,
+    _cluster: Option<EphemeralCluster>,
+}
+
+impl Server {
+    /// Uses `DATABASE_URL` if set, else starts an ephemeral cluster.
+    pub async fn start() -> Result<Self> {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let bin_dir = find_bin_dir().context("PostgreSQL binaries (for pgbench) not found")?;
+            return Ok(Self {
+                url,
+                bin_dir,
+                origin: "DATABASE_URL".into(),
+                _cluster: None,
+            });
+        }
+        let cluster = tokio::task::spawn_blocking(|| {
+            SETTINGS
+                .iter()
+                .fold(EphemeralCluster::builder(), |b, (k, v)| b.setting(*k, *v))
+                .start()
+        })
+        .await?
+        .context("could not start an ephemeral PostgreSQL cluster")?;
+        Ok(Self {
+            url: cluster.url(),
+            bin_dir: cluster.bin_dir().to_path_buf(),
+            origin: "ephemeral cluster (pgengine-testing)".into(),
+            _cluster: Some(cluster),
+        })
+    }
+
+    /// The server's version and the settings that matter for the figures.
+    pub async fn describe(&self) -> Result<ServerInfo> {
+        let client = tokio_pg::connect(&self.url).await?;
+        let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+        let mut settings = Vec::new();
+        for name in REPORTED {
+            let value: String = client.query_one(&format!("SHOW {name}"), &[]).await?.get(0);
+            settings.push((name.to_string(), value));
+        }
+        Ok(ServerInfo {
+            version,
+            origin: self.origin.clone(),
+            settings,
+        })
+    }
+}
+
+/// What the report says about the server.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerInfo {
+    pub version: String,
+    pub origin: String,
+    pub settings: Vec<(String, String)>,
+}

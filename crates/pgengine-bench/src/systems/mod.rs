@@ -1,0 +1,85 @@
+//! The systems under comparison, each doing the same work its own idiomatic way.
+
+use serde::Serialize;
+
+use crate::workloads::Workload;
+
+pub mod deadpool;
+#[cfg(feature = "pgengine")]
+pub mod pgengine;
+pub mod pgbench;
+pub mod piccolo;
+pub mod sqlx;
+pub mod stream;
+pub mod tokio_pg;
+
+/// A benchmarked system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum System {
+    /// pgengine, through its public API only.
+    Pgengine,
+    /// Raw tokio-postgres: one client per task, prepared statements (overhead floor).
+    TokioPostgres,
+    /// deadpool-postgres with `prepare_cached`.
+    Deadpool,
+    /// sqlx `PgPool`.
+    Sqlx,
+    /// Piccolo ORM's `PostgresEngine` on asyncpg (Python).
+    Piccolo,
+    /// pgbench (C, libpq): the practical ceiling.
+    Pgbench,
+    /// `COPY … TO STDOUT (FORMAT binary)` through tokio-postgres: the streaming ceiling.
+    Copy,
+}
+
+impl System {
+    /// Every system, in report order (pgengine first: the others are compared to it).
+    pub const ALL: [System; 7] = [
+        System::Pgengine,
+        System::TokioPostgres,
+        System::Deadpool,
+        System::Sqlx,
+        System::Piccolo,
+        System::Pgbench,
+        System::Copy,
+    ];
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Pgengine => "pgengine",
+            System::TokioPostgres => "tokio-postgres",
+            System::Deadpool => "deadpool-postgres",
+            System::Sqlx => "sqlx",
+            System::Piccolo => "piccolo (asyncpg)",
+            System::Pgbench => "pgbench",
+            System::Copy => "COPY binary",
+        }
+    }
+
+    /// The system's name on the command line.
+    pub fn arg(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether the system can express the workload at all.
+    pub fn supports(self, workload: Workload) -> bool {
+        match self {
+            System::Pgbench => matches!(
+                workload,
+                Workload::PointSelect1
+                    | Workload::PointSelect32
+                    | Workload::Tpcb
+                    | Workload::EmptyTx
+            ),
+            System::Copy => workload.is_stream(),
+            // Python streams ten million rows too slowly for a run of minutes.
+            System::Piccolo => workload != Workload::StreamBig,
+            _ => true,
+        }
+    }
+}

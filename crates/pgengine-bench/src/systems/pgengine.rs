@@ -1,0 +1,100 @@
+//! pgengine, through its public API only.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use pgengine::{PostgresEngine, sql};
+
+use crate::measure::Session;
+use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Call};
+
+/// Builds an engine with a pool of `size` connections and starts the pool.
+pub async fn engine(url: &str, size: usize) -> Result<Arc<PostgresEngine>> {
+    let engine = PostgresEngine::builder()
+        .url(url)
+        .max_connections(size)
+        .build()
+        .await?;
+    engine.start_connection_pool().await?;
+    Ok(Arc::new(engine))
+}
+
+/// A handle on the shared engine.
+pub struct PgengineSession(pub Arc<PostgresEngine>);
+
+impl Session for PgengineSession {
+    async fn call(&mut self, call: Call) -> Result<()> {
+        let engine = &self.0;
+        match call {
+            Call::PointSelect { aid } => {
+                let row = engine
+                    .fetch_one(sql!("SELECT abalance FROM pgbench_accounts WHERE aid = {}", aid))
+                    .await?;
+                let _: i32 = row.try_get(0)?;
+            }
+            Call::Tpcb(t) => {
+                engine
+                    .transaction()
+                    .run(async |tx| {
+                        tx.execute(sql!(
+                            "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {}",
+                            t.delta,
+                            t.aid
+                        ))
+                        .await?;
+                        let row = tx
+                            .fetch_one(sql!(
+                                "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+                                t.aid
+                            ))
+                            .await?;
+                        let _: i32 = row.get(0);
+                        tx.execute(sql!(
+                            "UPDATE pgbench_tellers SET tbalance = tbalance + {} WHERE tid = {}",
+                            t.delta,
+                            t.tid
+                        ))
+                        .await?;
+                        tx.execute(sql!(
+                            "UPDATE pgbench_branches SET bbalance = bbalance + {} WHERE bid = {}",
+                            t.delta,
+                            t.bid
+                        ))
+                        .await?;
+                        tx.execute(sql!(
+                            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+                             VALUES ({}, {}, {}, {}, CURRENT_TIMESTAMP)",
+                            t.tid,
+                            t.bid,
+                            t.aid,
+                            t.delta
+                        ))
+                        .await?;
+                        Ok::<_, pgengine::Error>(())
+                    })
+                    .await?;
+            }
+            Call::Atomic => {
+                let mut atomic = engine.atomic();
+                for i in 0..ATOMIC_INSERTS {
+                    atomic.add(sql!("INSERT INTO bench_atomic (a, b) VALUES ({}, {})", i, "x"));
+                }
+                atomic.run().await?;
+            }
+            Call::EmptyTx => engine.begin().await?.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+/// Streams `query` with `engine.batch`, handing each batch to `consume`.
+pub async fn stream(url: &str, query: &str, mut consume: impl FnMut(&[tokio_postgres::Row])) -> Result<()> {
+    let engine = engine(url, 1).await?;
+    let mut batch = engine.batch(query, BATCH_SIZE).await?;
+    while let Some(rows) = batch.next().await? {
+        consume(&rows);
+    }
+    drop(batch);
+    engine.close_connection_pool().await;
+    Ok(())
+}

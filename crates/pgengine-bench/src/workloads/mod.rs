@@ -1,0 +1,176 @@
+//! The workloads: what each system is asked to do, and with which arguments.
+
+use rand::Rng;
+use serde::Serialize;
+
+/// A benchmarked workload. Every system that can express it does the same work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// Primary-key lookup on `pgbench_accounts`, one client.
+    PointSelect1,
+    /// Primary-key lookup on `pgbench_accounts`, 32 concurrent clients.
+    PointSelect32,
+    /// pgbench's default TPC-B-like transaction, 16 concurrent clients.
+    Tpcb,
+    /// 100 inserts in one transaction, one after another.
+    Atomic,
+    /// The same atomic through a proxy adding 1 ms each way.
+    AtomicProxy,
+    /// Streaming the whole `bench_stream` table in batches.
+    Stream,
+    /// Streaming the big table (`--big`), to show memory stays flat.
+    StreamBig,
+    /// `BEGIN; COMMIT;`, 16 concurrent clients.
+    EmptyTx,
+}
+
+impl Workload {
+    /// Every workload, in report order.
+    pub const ALL: [Workload; 8] = [
+        Workload::PointSelect1,
+        Workload::PointSelect32,
+        Workload::Tpcb,
+        Workload::Atomic,
+        Workload::AtomicProxy,
+        Workload::Stream,
+        Workload::StreamBig,
+        Workload::EmptyTx,
+    ];
+
+    /// Short machine-friendly name (JSON, chart, Piccolo script).
+    pub fn id(self) -> &'static str {
+        match self {
+            Workload::PointSelect1 => "point_select_c1",
+            Workload::PointSelect32 => "point_select_c32",
+            Workload::Tpcb => "tpcb_c16",
+            Workload::Atomic => "atomic_100",
+            Workload::AtomicProxy => "atomic_100_proxy",
+            Workload::Stream => "stream",
+            Workload::StreamBig => "stream_big",
+            Workload::EmptyTx => "empty_tx_c16",
+        }
+    }
+
+    /// Human title for the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            Workload::PointSelect1 => "1. point select, c=1",
+            Workload::PointSelect32 => "1. point select, c=32",
+            Workload::Tpcb => "2. TPC-B-like transaction, c=16",
+            Workload::Atomic => "3. atomic of 100 inserts",
+            Workload::AtomicProxy => "3. atomic of 100 inserts, +1 ms each way",
+            Workload::Stream => "4. batch streaming",
+            Workload::StreamBig => "4. batch streaming, big table",
+            Workload::EmptyTx => "5. empty transaction, c=16",
+        }
+    }
+
+    /// Concurrent clients.
+    pub fn concurrency(self) -> usize {
+        match self {
+            Workload::PointSelect32 => 32,
+            Workload::Tpcb | Workload::EmptyTx => 16,
+            _ => 1,
+        }
+    }
+
+    /// What one unit of throughput is.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::PointSelect1 | Workload::PointSelect32 => "queries/s",
+            Workload::Tpcb | Workload::EmptyTx => "tx/s",
+            Workload::Atomic | Workload::AtomicProxy => "atomics/s",
+            Workload::Stream | Workload::StreamBig => "rows/s",
+        }
+    }
+
+    /// Whether the workload streams a table (measured in a child process).
+    pub fn is_stream(self) -> bool {
+        matches!(self, Workload::Stream | Workload::StreamBig)
+    }
+
+    /// The operation of a closed-loop workload (`None` for streaming).
+    pub fn op(self, accounts: i32) -> Option<Op> {
+        match self {
+            Workload::PointSelect1 | Workload::PointSelect32 => Some(Op::PointSelect { accounts }),
+            Workload::Tpcb => Some(Op::Tpcb { accounts }),
+            Workload::Atomic | Workload::AtomicProxy => Some(Op::Atomic),
+            Workload::EmptyTx => Some(Op::EmptyTx),
+            Workload::Stream | Workload::StreamBig => None,
+        }
+    }
+}
+
+/// Inserts per atomic.
+pub const ATOMIC_INSERTS: i32 = 100;
+/// Rows per batch when streaming.
+pub const BATCH_SIZE: usize = 1000;
+
+/// The operation a closed-loop workload repeats.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    PointSelect { accounts: i32 },
+    Tpcb { accounts: i32 },
+    Atomic,
+    EmptyTx,
+}
+
+impl Op {
+    /// Draws the random arguments of one call, as pgbench does.
+    pub fn draw(self, rng: &mut impl Rng) -> Call {
+        match self {
+            Op::PointSelect { accounts } => Call::PointSelect {
+                aid: rng.random_range(1..=accounts),
+            },
+            Op::Tpcb { accounts } => {
+                let scale = (accounts / 100_000).max(1);
+                Call::Tpcb(Tpcb {
+                    aid: rng.random_range(1..=accounts),
+                    bid: rng.random_range(1..=scale),
+                    tid: rng.random_range(1..=10 * scale),
+                    delta: rng.random_range(-5000..=5000),
+                })
+            }
+            Op::Atomic => Call::Atomic,
+            Op::EmptyTx => Call::EmptyTx,
+        }
+    }
+}
+
+/// One operation with its arguments.
+#[derive(Debug, Clone, Copy)]
+pub enum Call {
+    PointSelect { aid: i32 },
+    Tpcb(Tpcb),
+    Atomic,
+    EmptyTx,
+}
+
+/// Arguments of one TPC-B-like transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Tpcb {
+    pub aid: i32,
+    pub bid: i32,
+    pub tid: i32,
+    pub delta: i32,
+}
+
+/// The SQL every system runs (pgbench's own statements where it has them).
+pub mod sql {
+    pub const POINT_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    pub const TPCB_ACCOUNT: &str =
+        "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
+    pub const TPCB_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    pub const TPCB_TELLER: &str =
+        "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2";
+    pub const TPCB_BRANCH: &str =
+        "UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2";
+    pub const TPCB_HISTORY: &str = "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+         VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)";
+    pub const ATOMIC_INSERT: &str = "INSERT INTO bench_atomic (a, b) VALUES ($1, $2)";
+    /// The streamed query; `{table}` is the table name.
+    pub fn stream(table: &str) -> String {
+        format!("SELECT id, label, created, amount FROM {table}")
+    }
+}

@@ -1,0 +1,396 @@
+//! [`PostgresEngine`]: the entry point. Owns the pool and routes every query to the
+//! ambient transaction's connection when there is one, else to a pooled connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
+
+use crate::atomic::Atomic;
+use crate::batch::AsyncBatch;
+use crate::config::{EngineBuilder, EngineSettings};
+use crate::error::{Error, ErrorKind, Result};
+use crate::executor::{Executor, Lease};
+use crate::pool::{Connection, create_pool};
+use crate::query::Query;
+use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
+use crate::version::ServerVersion;
+
+/// An async PostgreSQL engine: a connection pool plus transactions, savepoints, atomic
+/// bundles and batched streaming. Cheap to clone; clones share the pool.
+///
+/// ```no_run
+/// # async fn demo() -> pgengine::Result<()> {
+/// use pgengine::prelude::*;
+/// let engine = PostgresEngine::connect("postgres://postgres@localhost/app").await?;
+/// engine.run_ddl("CREATE TABLE IF NOT EXISTS band (name text PRIMARY KEY, popularity int)").await?;
+/// engine.execute(sql!("INSERT INTO band VALUES ({}, {})", "Pythonistas", 1000)).await?;
+/// let rows = engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 100)).await?;
+/// let name: &str = rows[0].get(0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresEngine {
+    pub(crate) shared: Arc<EngineShared>,
+}
+
+/// What every clone of an engine shares.
+pub(crate) struct EngineShared {
+    pub id: u64,
+    pub pool: Pool,
+    pub settings: EngineSettings,
+    query_ids: AtomicU64,
+}
+
+static ENGINE_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl PostgresEngine {
+    /// A builder for every setting; see [`EngineBuilder`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgengine::Result<()> {
+    /// let engine = pgengine::PostgresEngine::builder()
+    ///     .url("postgres://postgres@localhost/app")
+    ///     .max_connections(4)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::new()
+    }
+
+    /// An engine for the server at `url`, with default settings.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgengine::Result<()> {
+    /// let engine = pgengine::PostgresEngine::connect("postgres://postgres@localhost/app").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self> {
+        EngineBuilder::new().url(url).build().await
+    }
+
+    /// An engine for the server named by the `DATABASE_URL` environment variable.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgengine::Result<()> {
+    /// let engine = pgengine::PostgresEngine::from_env().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn from_env() -> Result<Self> {
+        let url = std::env::var("DATABASE_URL").map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                "DATABASE_URL is not set (expected e.g. postgres://user@host/dbname)",
+            )
+        })?;
+        Self::connect(&url).await
+    }
+
+    /// Creates the pool, checks the server version and prepares the database.
+    pub(crate) async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
+        let pool = create_pool(pg, &settings)?;
+        let engine = Self {
+            shared: Arc::new(EngineShared {
+                id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
+                pool,
+                settings,
+                query_ids: AtomicU64::new(1),
+            }),
+        };
+        let version = engine.get_version().await?;
+        if version < ServerVersion::MINIMUM_SUPPORTED {
+            tracing::warn!(
+                target: "pgengine",
+                %version,
+                minimum = %ServerVersion::MINIMUM_SUPPORTED,
+                "the server is older than the oldest version pgengine supports"
+            );
+        }
+        engine.prep_database().await?;
+        Ok(engine)
+    }
+
+    /// Opens every connection of the pool up front, so that no query pays for a
+    /// handshake. Calling it again is harmless.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// engine.start_connection_pool().await?;
+    /// assert_eq!(engine.pool_status().size, engine.pool_status().max_size);
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_connection_pool(&self) -> Result<()> {
+        let pool = &self.shared.pool;
+        let missing = pool.status().max_size.saturating_sub(pool.status().size);
+        let opened =
+            futures::future::try_join_all((0..missing).map(|_| Connection::get(pool))).await?;
+        drop(opened);
+        Ok(())
+    }
+
+    /// Closes the pool: new queries fail at once with [`ErrorKind::Closed`]; this waits
+    /// until the connections in use have come back, then all are closed. Closing is
+    /// final: build a new engine to connect again. Calling it twice is harmless.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// use pgengine::prelude::*;
+    /// engine.close_connection_pool().await;
+    /// assert_eq!(engine.fetch("SELECT 1").await.unwrap_err().kind(), pgengine::ErrorKind::Closed);
+    /// # }
+    /// ```
+    pub async fn close_connection_pool(&self) {
+        let pool = &self.shared.pool;
+        pool.close();
+        while pool.status().size > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The pool's size now: connections open, idle, and the most it holds.
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// let status = engine.pool_status();
+    /// println!("{} of {} connections open, {} idle", status.size, status.max_size, status.available);
+    /// # }
+    /// ```
+    pub fn pool_status(&self) -> PoolStatus {
+        let status = self.shared.pool.status();
+        PoolStatus {
+            max_size: status.max_size,
+            size: status.size,
+            available: status.available,
+            waiting: status.waiting,
+        }
+    }
+
+    /// The server's version, e.g. `16.10`.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// let version = engine.get_version().await?;
+    /// assert!(version.major >= 12);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_version(&self) -> Result<ServerVersion> {
+        let row = self.fetch_one("SHOW server_version").await?;
+        row.try_get::<_, String>(0)
+            .map_err(Error::from)?
+            .parse()
+    }
+
+    /// Creates each configured extension that is missing (`CREATE EXTENSION IF NOT
+    /// EXISTS`). Lacking the privilege to do so is a `WARN`, not an error.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// engine.prep_database().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn prep_database(&self) -> Result<()> {
+        for extension in &self.shared.settings.extensions {
+            let ddl = format!(
+                "CREATE EXTENSION IF NOT EXISTS {}",
+                crate::savepoint::quote_identifier(extension)?
+            );
+            match self.run_ddl(&ddl).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("42501") => tracing::warn!(
+                    target: "pgengine",
+                    extension = %extension,
+                    error = %e,
+                    "no privilege to create the extension; create it as a superuser"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts describing a transaction: nesting policy, isolation, read-only,
+    /// deferrable, retry; then [`run`](TransactionBuilder::run) or
+    /// [`begin`](TransactionBuilder::begin) it.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// engine
+    ///     .transaction()
+    ///     .isolation(IsolationLevel::Serializable)
+    ///     .run(async |tx| {
+    ///         tx.execute("UPDATE account SET balance = balance - 10 WHERE id = 1").await?;
+    ///         tx.execute("UPDATE account SET balance = balance + 10 WHERE id = 2").await?;
+    ///         Ok::<_, pgengine::Error>(())
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn transaction(&self) -> TransactionBuilder {
+        TransactionBuilder::new(self.clone())
+    }
+
+    /// Begins a transaction with the default options: `engine.transaction().begin()`.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let tx = engine.begin().await?;
+    /// tx.execute("DELETE FROM band").await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(&self) -> Result<PostgresTransaction> {
+        self.transaction().begin().await
+    }
+
+    /// The transaction this task is running inside (through this engine), if any.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// assert!(engine.current_transaction().is_none());
+    /// engine.transaction().run(async |_tx| {
+    ///     assert!(engine.current_transaction().is_some());
+    ///     Ok::<_, pgengine::Error>(())
+    /// }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn current_transaction(&self) -> Option<PostgresTransaction> {
+        ambient::current(self.shared.id).map(PostgresTransaction::joined)
+    }
+
+    /// Whether this task is running inside a transaction of this engine.
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// assert!(!engine.transaction_exists());
+    /// # }
+    /// ```
+    pub fn transaction_exists(&self) -> bool {
+        ambient::current(self.shared.id).is_some()
+    }
+
+    /// An empty [`Atomic`]: add queries, then run them all in one transaction.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// let mut atomic = engine.atomic();
+    /// atomic.add("CREATE TABLE a (id int)").add("CREATE TABLE b (id int)");
+    /// atomic.run().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn atomic(&self) -> Atomic {
+        Atomic::new(self.clone())
+    }
+
+    /// Streams the rows of `query`, at most `batch_size` at a time, through a
+    /// server-side cursor; see [`AsyncBatch`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// let mut batch = engine.batch("SELECT * FROM big_table", 1000).await?;
+    /// while let Some(rows) = batch.next().await? {
+    ///     println!("{} rows", rows.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn batch(&self, query: impl Query, batch_size: usize) -> Result<AsyncBatch> {
+        AsyncBatch::open(self, query, batch_size).await
+    }
+
+    /// Whether two handles share one engine (one pool).
+    pub(crate) fn same_as(&self, other: &PostgresEngine) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl std::fmt::Debug for PostgresEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEngine")
+            .field("id", &self.shared.id)
+            .field("pool", &self.pool_status())
+            .field("settings", &self.shared.settings)
+            .finish()
+    }
+}
+
+/// A snapshot of the pool: see [`PostgresEngine::pool_status`].
+///
+/// ```no_run
+/// # fn demo(engine: pgengine::PostgresEngine) {
+/// let pgengine::PoolStatus { size, available, .. } = engine.pool_status();
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The most connections the pool holds.
+    pub max_size: usize,
+    /// Connections open now (idle or in use).
+    pub size: usize,
+    /// Idle connections ready to use.
+    pub available: usize,
+    /// Tasks waiting for a connection.
+    pub waiting: usize,
+}
+
+impl crate::executor::sealed::Sealed for PostgresEngine {}
+
+impl Executor for PostgresEngine {
+    async fn lease(&self) -> Result<Lease> {
+        if let Some(tx) = ambient::current(self.shared.id) {
+            return tx.lease();
+        }
+        let connection = Connection::get(&self.shared.pool).await?;
+        Ok(Lease::pooled(self.shared.clone(), connection))
+    }
+}
+
+impl EngineShared {
+    /// Runs one request and reports it to `tracing` as configured: the query event
+    /// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).
+    ///
+    /// The request is polled as soon as this future is, so pipelined order is kept.
+    pub(crate) async fn observe<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        request: impl Future<Output = Result<T>>,
+        row_count: impl Fn(&T) -> Option<usize>,
+    ) -> Result<T> {
+        let settings = &self.settings;
+        let watched = settings.log_queries
+            || settings.log_responses
+            || settings.slow_query_threshold.is_some();
+        if !watched {
+            return request.await;
+        }
+        let query_id = self.query_ids.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = request.await;
+        let elapsed = started.elapsed();
+        let duration_us = elapsed.as_micros() as u64;
+        let error = result.as_ref().err().map(ToString::to_string);
+        if settings.log_queries {
+            if settings.log_arguments {
+                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), arguments = ?params, duration_us, error, "query");
+            } else {
+                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, error, "query");
+            }
+        }
+        if settings.log_responses {
+            let rows = result.as_ref().ok().and_then(&row_count);
+            tracing::debug!(target: "pgengine::query", query_id, rows, duration_us, "response");
+        }
+        if let Some(threshold) = settings.slow_query_threshold {
+            if elapsed >= threshold {
+                tracing::warn!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, threshold_us = threshold.as_micros() as u64, "slow query");
+            }
+        }
+        result
+    }
+}

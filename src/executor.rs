@@ -1,0 +1,298 @@
+//! The query methods that the engine and a transaction share: the [`Executor`] trait.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_postgres::Row;
+
+use crate::engine::EngineShared;
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, Outcome, Want};
+use crate::pool::Connection;
+use crate::query::{CompiledQuery, Query, QueryString};
+use crate::transaction::TxShared;
+
+pub(crate) mod sealed {
+    /// Only the engine and transactions run queries.
+    pub trait Sealed {}
+}
+
+/// Runs queries: implemented by [`PostgresEngine`](crate::PostgresEngine) (inside the
+/// ambient transaction when there is one, else on a pooled connection) and by
+/// [`PostgresTransaction`](crate::PostgresTransaction) (on its connection).
+///
+/// A query of several statements runs them all, in order, in one transaction (the
+/// current one, or its own), pipelined.
+///
+/// ```no_run
+/// use pgengine::prelude::*;
+/// // Works with the engine and inside a transaction alike.
+/// async fn count_bands(db: &impl Executor) -> pgengine::Result<i64> {
+///     Ok(db.fetch_one("SELECT count(*) FROM band").await?.get(0))
+/// }
+/// ```
+pub trait Executor: sealed::Sealed + Sync {
+    /// The connection the next query runs on.
+    #[doc(hidden)]
+    fn lease(&self) -> impl Future<Output = Result<Lease>> + Send;
+
+    /// Runs the query and returns its rows (of its last statement, for several).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// for row in engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 100)).await? {
+    ///     let name: String = row.get("name");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    fn fetch<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        async move {
+            let statements = query.into_querystrings();
+            let compiled = compile_all(&statements)?;
+            let lease = self.lease().await?;
+            lease.fetch(&compiled).await
+        }
+    }
+
+    /// Runs the query and returns its only row; no row is [`ErrorKind::RowNotFound`],
+    /// several are [`ErrorKind::TooManyRows`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let count: i64 = engine.fetch_one("SELECT count(*) FROM band").await?.get(0);
+    /// # Ok(()) }
+    /// ```
+    fn fetch_one<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Row>> + Send {
+        async move {
+            let mut rows = self.fetch(query).await?;
+            match rows.len() {
+                1 => Ok(rows.pop().expect("one row")),
+                0 => Err(Error::new(
+                    ErrorKind::RowNotFound,
+                    "fetch_one expected exactly one row, the query returned none",
+                )),
+                n => Err(Error::new(
+                    ErrorKind::TooManyRows,
+                    format!("fetch_one expected exactly one row, the query returned {n}"),
+                )),
+            }
+        }
+    }
+
+    /// Runs the query and returns its row, or `None` when there is none; several rows
+    /// are [`ErrorKind::TooManyRows`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let band = engine.fetch_optional(sql!("SELECT * FROM band WHERE name = {}", "Rustaceans")).await?;
+    /// # Ok(()) }
+    /// ```
+    fn fetch_optional<Q: Query>(
+        &self,
+        query: Q,
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        async move {
+            let mut rows = self.fetch(query).await?;
+            match rows.len() {
+                0 | 1 => Ok(rows.pop()),
+                n => Err(Error::new(
+                    ErrorKind::TooManyRows,
+                    format!("fetch_optional expected at most one row, the query returned {n}"),
+                )),
+            }
+        }
+    }
+
+    /// Runs the query and returns the number of rows it affected (summed over its
+    /// statements).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let n = engine.execute(sql!("UPDATE band SET popularity = {} WHERE name = {}", 0, "Pythonistas")).await?;
+    /// # Ok(()) }
+    /// ```
+    fn execute<Q: Query>(&self, query: Q) -> impl Future<Output = Result<u64>> + Send {
+        async move {
+            let statements = query.into_querystrings();
+            let compiled = compile_all(&statements)?;
+            let lease = self.lease().await?;
+            lease.execute(&compiled).await
+        }
+    }
+
+    /// Runs DDL: one statement or several separated by `;`, sent as written over the
+    /// simple protocol. Several statements outside a transaction run as one implicit
+    /// transaction (all or nothing).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// engine.run_ddl("CREATE TABLE band (name text); CREATE INDEX ON band (name)").await?;
+    /// # Ok(()) }
+    /// ```
+    fn run_ddl(&self, ddl: &str) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let lease = self.lease().await?;
+            lease.simple(ddl).await
+        }
+    }
+
+    /// Runs one [`QueryString`] and returns its rows: the seed's name for
+    /// [`fetch`](Executor::fetch).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let rows = engine.run_querystring(sql!("SELECT {}::int", 1)).await?;
+    /// # Ok(()) }
+    /// ```
+    fn run_querystring(
+        &self,
+        querystring: QueryString,
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        self.fetch(querystring)
+    }
+}
+
+/// Compiles every statement before anything is sent.
+pub(crate) fn compile_all(statements: &[QueryString]) -> Result<Vec<CompiledQuery<'_>>> {
+    if statements.is_empty() {
+        return Err(Error::invalid_input("the query has no statement"));
+    }
+    statements.iter().map(QueryString::compile).collect()
+}
+
+/// A connection lent for one operation: a pooled one, or the connection of a
+/// transaction (whose failures it records).
+pub struct Lease {
+    engine: Arc<EngineShared>,
+    connection: Leased,
+    transaction: Option<Arc<TxShared>>,
+}
+
+enum Leased {
+    Pooled(Connection),
+    Shared(Arc<Connection>),
+}
+
+impl Lease {
+    pub(crate) fn pooled(engine: Arc<EngineShared>, connection: Connection) -> Self {
+        Self {
+            engine,
+            connection: Leased::Pooled(connection),
+            transaction: None,
+        }
+    }
+
+    pub(crate) fn in_transaction(
+        engine: Arc<EngineShared>,
+        connection: Arc<Connection>,
+        transaction: Arc<TxShared>,
+    ) -> Self {
+        Self {
+            engine,
+            connection: Leased::Shared(connection),
+            transaction: Some(transaction),
+        }
+    }
+
+    pub(crate) fn connection(&self) -> &Connection {
+        match &self.connection {
+            Leased::Pooled(connection) => connection,
+            Leased::Shared(connection) => connection,
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &EngineShared {
+        &self.engine
+    }
+
+    /// The transaction this lease runs in, if any.
+    pub(crate) fn transaction(&self) -> Option<&Arc<TxShared>> {
+        self.transaction.as_ref()
+    }
+
+    /// Takes the pooled connection out of the lease (for a batch that keeps it).
+    pub(crate) fn into_pooled(self) -> std::result::Result<Connection, Self> {
+        match self.connection {
+            Leased::Pooled(connection) => Ok(connection),
+            connection => Err(Self { connection, ..self }),
+        }
+    }
+
+    /// Records a failure on the transaction, which PostgreSQL has now aborted.
+    pub(crate) fn noted<T>(&self, result: Result<T>) -> Result<T> {
+        if let (Err(error), Some(transaction)) = (&result, &self.transaction) {
+            transaction.note_failure(error);
+        }
+        result
+    }
+
+    async fn fetch(&self, statements: &[CompiledQuery<'_>]) -> Result<Vec<Row>> {
+        if let [statement] = statements {
+            return self.noted(self.query(statement).await);
+        }
+        let outcomes = pipeline::run(self, statements, Want::RowsOfLast).await?;
+        match outcomes.into_iter().last() {
+            Some(Outcome::Rows(rows)) => Ok(rows),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn execute(&self, statements: &[CompiledQuery<'_>]) -> Result<u64> {
+        if let [statement] = statements {
+            return self.noted(self.execute_one(statement).await);
+        }
+        let outcomes = pipeline::run(self, statements, Want::Counts).await?;
+        Ok(outcomes.iter().map(Outcome::count).sum())
+    }
+
+    /// Runs SQL over the simple protocol.
+    pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
+        let connection = self.connection();
+        let request = connection.guarded(async {
+            connection
+                .client()
+                .batch_execute(sql)
+                .await
+                .map_err(Error::from)
+        });
+        self.noted(self.engine.observe(sql, &[], request, |_| None).await)
+    }
+
+    /// One statement with its rows, prepared once per connection (statement cache).
+    async fn query(&self, statement: &CompiledQuery<'_>) -> Result<Vec<Row>> {
+        let connection = self.connection();
+        let request = connection.guarded(async {
+            let client = connection.client();
+            let prepared = client.prepare_cached(statement.sql()).await?;
+            client.query(&prepared, statement.params()).await
+        });
+        let request = async { request.await.map_err(Error::from) };
+        self.engine
+            .observe(statement.sql(), statement.params(), request, |rows| {
+                Some(rows.len())
+            })
+            .await
+    }
+
+    /// One statement, counting the rows it affected.
+    async fn execute_one(&self, statement: &CompiledQuery<'_>) -> Result<u64> {
+        let connection = self.connection();
+        let request = connection.guarded(async {
+            let client = connection.client();
+            let prepared = client.prepare_cached(statement.sql()).await?;
+            client.execute(&prepared, statement.params()).await
+        });
+        let request = async { request.await.map_err(Error::from) };
+        self.engine
+            .observe(statement.sql(), statement.params(), request, |&n| {
+                Some(n as usize)
+            })
+            .await
+    }
+}

@@ -276,9 +276,8 @@ impl EngineBuilder {
     /// The driver configuration and the engine settings, with the URL applied under the parts.
     pub(crate) fn into_parts(self) -> Result<(tokio_postgres::Config, EngineSettings)> {
         let from_url = match &self.url {
-            Some(url) => tokio_postgres::Config::from_str(url).map_err(|e| {
-                Error::new(ErrorKind::Config, format!("invalid database URL: {e}"))
-            })?,
+            Some(url) => tokio_postgres::Config::from_str(url)
+                .map_err(|e| Error::new(ErrorKind::Config, format!("invalid database URL: {e}")))?,
             None => tokio_postgres::Config::new(),
         };
         let mut pg = combine(&from_url, &self.pg);
@@ -307,8 +306,16 @@ impl EngineBuilder {
 /// Built afresh because the driver's setters append hosts and ports rather than replace them.
 fn combine(url: &tokio_postgres::Config, parts: &tokio_postgres::Config) -> tokio_postgres::Config {
     use tokio_postgres::config::Host;
-    let hosts_from = if parts.get_hosts().is_empty() { url } else { parts };
-    let ports_from = if parts.get_ports().is_empty() { url } else { parts };
+    let hosts_from = if parts.get_hosts().is_empty() {
+        url
+    } else {
+        parts
+    };
+    let ports_from = if parts.get_ports().is_empty() {
+        url
+    } else {
+        parts
+    };
     let mut pg = tokio_postgres::Config::new();
     for host in hosts_from.get_hosts() {
         match host {
@@ -359,7 +366,10 @@ pub fn redact_url(url: &str) -> String {
     if let Some(rest) = url
         .strip_prefix("postgres://")
         .map(|r| ("postgres://", r))
-        .or_else(|| url.strip_prefix("postgresql://").map(|r| ("postgresql://", r)))
+        .or_else(|| {
+            url.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        })
     {
         let (scheme, rest) = rest;
         if let Some(at) = rest.rfind('@') {

@@ -179,9 +179,7 @@ impl PostgresEngine {
     /// ```
     pub async fn get_version(&self) -> Result<ServerVersion> {
         let row = self.fetch_one("SHOW server_version").await?;
-        row.try_get::<_, String>(0)
-            .map_err(Error::from)?
-            .parse()
+        row.try_get::<_, String>(0).map_err(Error::from)?.parse()
     }
 
     /// Creates each configured extension that is missing (`CREATE EXTENSION IF NOT
@@ -300,11 +298,6 @@ impl PostgresEngine {
     /// ```
     pub async fn batch(&self, query: impl Query, batch_size: usize) -> Result<AsyncBatch> {
         AsyncBatch::open(self, query, batch_size).await
-    }
-
-    /// Whether two handles share one engine (one pool).
-    pub(crate) fn same_as(&self, other: &PostgresEngine) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 

@@ -311,14 +311,19 @@ impl Error {
     /// assert!(!pgengine::Error::invalid_input("x").is_retryable());
     /// ```
     pub fn is_retryable(&self) -> bool {
-        self.0.database.as_ref().is_some_and(DatabaseError::is_retryable)
+        self.0
+            .database
+            .as_ref()
+            .is_some_and(DatabaseError::is_retryable)
     }
 
     /// Classifies a driver error met while connecting.
     pub(crate) fn connect(err: tokio_postgres::Error) -> Self {
         match err.as_db_error() {
             Some(_) => Self::from(err),
-            None => Self::new(ErrorKind::Connect, "could not connect to the server").with_source(err),
+            None => {
+                Self::new(ErrorKind::Connect, "could not connect to the server").with_source(err)
+            }
         }
     }
 }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use crate::engine::EngineShared;
 use crate::error::{Error, ErrorKind, Result};
@@ -216,14 +217,6 @@ impl Lease {
         self.transaction.as_ref()
     }
 
-    /// Takes the pooled connection out of the lease (for a batch that keeps it).
-    pub(crate) fn into_pooled(self) -> std::result::Result<Connection, Self> {
-        match self.connection {
-            Leased::Pooled(connection) => Ok(connection),
-            connection => Err(Self { connection, ..self }),
-        }
-    }
-
     /// Records a failure on the transaction, which PostgreSQL has now aborted.
     pub(crate) fn noted<T>(&self, result: Result<T>) -> Result<T> {
         if let (Err(error), Some(transaction)) = (&result, &self.transaction) {
@@ -234,7 +227,7 @@ impl Lease {
 
     async fn fetch(&self, statements: &[CompiledQuery<'_>]) -> Result<Vec<Row>> {
         if let [statement] = statements {
-            return self.noted(self.query(statement).await);
+            return self.query(statement.sql(), statement.params()).await;
         }
         let outcomes = pipeline::run(self, statements, Want::RowsOfLast).await?;
         match outcomes.into_iter().last() {
@@ -245,7 +238,7 @@ impl Lease {
 
     async fn execute(&self, statements: &[CompiledQuery<'_>]) -> Result<u64> {
         if let [statement] = statements {
-            return self.noted(self.execute_one(statement).await);
+            return self.execute_sql(statement.sql(), statement.params()).await;
         }
         let outcomes = pipeline::run(self, statements, Want::Counts).await?;
         Ok(outcomes.iter().map(Outcome::count).sum())
@@ -265,34 +258,59 @@ impl Lease {
     }
 
     /// One statement with its rows, prepared once per connection (statement cache).
-    async fn query(&self, statement: &CompiledQuery<'_>) -> Result<Vec<Row>> {
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
         let connection = self.connection();
         let request = connection.guarded(async {
             let client = connection.client();
-            let prepared = client.prepare_cached(statement.sql()).await?;
-            client.query(&prepared, statement.params()).await
+            let prepared = client.prepare_cached(sql).await?;
+            client.query(&prepared, params).await
         });
         let request = async { request.await.map_err(Error::from) };
-        self.engine
-            .observe(statement.sql(), statement.params(), request, |rows| {
-                Some(rows.len())
-            })
-            .await
+        let result = self
+            .engine
+            .observe(sql, params, request, |rows| Some(rows.len()))
+            .await;
+        self.noted(result)
     }
 
     /// One statement, counting the rows it affected.
-    async fn execute_one(&self, statement: &CompiledQuery<'_>) -> Result<u64> {
+    pub(crate) async fn execute_sql(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
         let connection = self.connection();
         let request = connection.guarded(async {
             let client = connection.client();
-            let prepared = client.prepare_cached(statement.sql()).await?;
-            client.execute(&prepared, statement.params()).await
+            let prepared = client.prepare_cached(sql).await?;
+            client.execute(&prepared, params).await
         });
         let request = async { request.await.map_err(Error::from) };
-        self.engine
-            .observe(statement.sql(), statement.params(), request, |&n| {
-                Some(n as usize)
-            })
-            .await
+        let result = self
+            .engine
+            .observe(sql, params, request, |&n| Some(n as usize))
+            .await;
+        self.noted(result)
+    }
+
+    /// One statement without parameters, not prepared (one round trip, nothing cached).
+    pub(crate) async fn query_unprepared(&self, sql: &str) -> Result<Vec<Row>> {
+        let connection = self.connection();
+        let request = connection.guarded(async {
+            connection
+                .client()
+                .query_typed(sql, &[])
+                .await
+                .map_err(Error::from)
+        });
+        let result = self
+            .engine
+            .observe(sql, &[], request, |rows| Some(rows.len()))
+            .await;
+        self.noted(result)
     }
 }

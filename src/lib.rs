@@ -1,1 +1,70 @@
+//! # pgengine
+//!
+//! An async PostgreSQL engine: the layer between your code (or your ORM) and the wire
+//! driver, [`tokio-postgres`](tokio_postgres). It owns the connection pool and gives
+//! transactions that never leak, nested transactions with a policy, savepoints,
+//! *atomic* bundles of queries sent in a few round trips, and batched streaming of
+//! large results through server-side cursors.
+//!
+//! ```no_run
+//! use pgengine::prelude::*;
+//!
+//! # async fn demo() -> pgengine::Result<()> {
+//! let engine = PostgresEngine::connect("postgres://postgres@localhost/app").await?;
+//! engine.run_ddl("CREATE TABLE IF NOT EXISTS band (name text PRIMARY KEY, popularity int)").await?;
+//!
+//! engine.transaction().run(async |tx| {
+//!     tx.execute(sql!("INSERT INTO band VALUES ({}, {})", "Pythonistas", 1000)).await?;
+//!     tx.execute(sql!("INSERT INTO band VALUES ({}, {})", "Rustaceans", 2000)).await?;
+//!     Ok::<_, pgengine::Error>(())
+//! }).await?;
+//!
+//! let popular = engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 1500)).await?;
+//! assert_eq!(popular[0].get::<_, &str>(0), "Rustaceans");
+//! # Ok(()) }
+//! ```
 
+#![warn(missing_docs)]
+
+mod atomic;
+mod batch;
+mod blocking;
+pub mod config;
+mod engine;
+mod error;
+mod executor;
+mod pipeline;
+mod pool;
+pub mod query;
+mod retry;
+pub mod savepoint;
+mod transaction;
+mod version;
+
+pub use atomic::Atomic;
+pub use batch::AsyncBatch;
+pub use config::EngineBuilder;
+pub use engine::{PoolStatus, PostgresEngine};
+pub use error::{DatabaseError, Error, ErrorKind, FailedStatement, Result};
+pub use executor::Executor;
+pub use query::{Query, QueryString};
+pub use retry::RetryPolicy;
+pub use savepoint::Savepoint;
+pub use tokio_postgres::Row;
+pub use tokio_postgres::types;
+pub use transaction::{IsolationLevel, Nested, PostgresTransaction, TransactionBuilder};
+pub use version::ServerVersion;
+
+/// Everything for everyday use: `use pgengine::prelude::*;`.
+///
+/// ```
+/// use pgengine::prelude::*;
+/// let query = sql!("SELECT {}::int", 1);
+/// # let _ = query;
+/// ```
+pub mod prelude {
+    pub use crate::{
+        Executor, IsolationLevel, Nested, PostgresEngine, PostgresTransaction, Query, QueryString,
+        RetryPolicy, Row, sql,
+    };
+}

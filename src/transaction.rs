@@ -630,7 +630,9 @@ enum Phase {
 
 impl TxShared {
     fn lock(&self) -> MutexGuard<'_, TxState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The connection for the next request, unless the transaction is finished.
@@ -666,7 +668,10 @@ impl TxShared {
                 return Err(finished_error(state.phase));
             }
             state.phase = Phase::RolledBack;
-            let connection = state.connection.take().expect("an active transaction has its connection");
+            let connection = state
+                .connection
+                .take()
+                .expect("an active transaction has its connection");
             (connection, state.aborted_by.clone())
         };
         let sql = match (finish, &aborted_by) {
@@ -680,7 +685,11 @@ impl TxShared {
                 .await
                 .map_err(Error::from)
         });
-        let result = self.engine.shared.observe(sql, &[], request, |_| None).await;
+        let result = self
+            .engine
+            .shared
+            .observe(sql, &[], request, |_| None)
+            .await;
         // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an error.
         if result.is_ok() || result.as_ref().is_err_and(|e| e.database_error().is_some()) {
             connection.set_in_transaction(false);

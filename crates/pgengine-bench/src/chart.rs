@@ -1,6 +1,8 @@
 //! The PNG chart.
-use std::path::Path;
-use anyhow::Result;
 use crate::report::Report;
+use anyhow::Result;
+use std::path::Path;
 
-pub fn draw(_report: &Report, _path: &Path) -> Result<()> { Ok(()) }
+pub fn draw(_report: &Report, _path: &Path) -> Result<()> {
+    Ok(())
+}

@@ -16,7 +16,12 @@ pub const STREAM_BIG_TABLE: &str = "bench_stream_big";
 
 /// Loads pgbench's tables at `scale` (100 000 accounts per unit) and the
 /// streaming tables, skipping what is already there.
-pub async fn load(url: &str, bin_dir: &Path, scale: u32, stream_rows: &[(&str, u64)]) -> Result<()> {
+pub async fn load(
+    url: &str,
+    bin_dir: &Path,
+    scale: u32,
+    stream_rows: &[(&str, u64)],
+) -> Result<()> {
     let client = tokio_pg::connect(url).await?;
     let accounts = i64::from(scale) * 100_000;
     if count(&client, "pgbench_accounts").await? != Some(accounts) {
@@ -28,7 +33,10 @@ pub async fn load(url: &str, bin_dir: &Path, scale: u32, stream_rows: &[(&str, u
             .await
             .context("could not run pgbench --initialize")?;
         if !output.status.success() {
-            bail!("pgbench --initialize failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "pgbench --initialize failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
     }
     client
@@ -47,9 +55,11 @@ pub async fn load(url: &str, bin_dir: &Path, scale: u32, stream_rows: &[(&str, u
                  INSERT INTO {table}
                    SELECT g, 'row number ' || g, timestamptz '2024-01-01' + g * interval '1 second',
                           (g % 100000) * 1.37
-                   FROM generate_series(1, {rows}) AS g;
-                 VACUUM ANALYZE {table};"
+                   FROM generate_series(1, {rows}) AS g;"
             ))
+            .await?;
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
             .await?;
     }
     Ok(())
@@ -57,7 +67,10 @@ pub async fn load(url: &str, bin_dir: &Path, scale: u32, stream_rows: &[(&str, u
 
 /// Empties the atomic workload's insert target between measurements.
 pub async fn reset_atomic(url: &str) -> Result<()> {
-    tokio_pg::connect(url).await?.batch_execute("TRUNCATE bench_atomic").await?;
+    tokio_pg::connect(url)
+        .await?
+        .batch_execute("TRUNCATE bench_atomic")
+        .await?;
     Ok(())
 }
 
@@ -70,6 +83,9 @@ async fn count(client: &tokio_postgres::Client, table: &str) -> Result<Option<i6
     if !exists {
         return Ok(None);
     }
-    let n: i64 = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get(0);
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0);
     Ok(Some(n))
 }

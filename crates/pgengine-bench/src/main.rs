@@ -75,7 +75,13 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::StreamChild { system, url, table, rows }) = &cli.command {
+    if let Some(Command::StreamChild {
+        system,
+        url,
+        table,
+        rows,
+    }) = &cli.command
+    {
         let report = systems::stream::run_child(*system, url, table, *rows).await?;
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -116,19 +122,33 @@ async fn run(cli: Cli) -> Result<()> {
         eprintln!("piccolo skipped: {reason}");
     }
 
-    let runner = Runner::new(plan.clone(), server.url.clone(), server.bin_dir.clone(), out.clone(), piccolo).await?;
+    let runner = Runner::new(
+        plan.clone(),
+        server.url.clone(),
+        server.bin_dir.clone(),
+        out.clone(),
+        piccolo,
+    )
+    .await?;
     let outcomes = runner.run().await;
 
     let report = report::Report::new(plan, info, command_line(), outcomes);
     println!("{}", report.table());
     println!("{}", report.targets_section());
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(&markdown, report.benchmarks_md())?;
     match chart::draw(&report, &out.join("chart.png")) {
         Ok(()) => eprintln!("wrote {}", out.join("chart.png").display()),
         Err(e) => eprintln!("no chart: {e:#}"),
     }
-    eprintln!("wrote {} and {}", out.join("results.json").display(), markdown.display());
+    eprintln!(
+        "wrote {} and {}",
+        out.join("results.json").display(),
+        markdown.display()
+    );
     Ok(())
 }
 

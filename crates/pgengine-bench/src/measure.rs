@@ -48,7 +48,8 @@ pub struct Timing {
     pub duration: Duration,
 }
 
-/// The measured window of a closed-loop run, in wall-clock time (for the proxy).
+/// The wall-clock span of the counted operations: from the start of the
+/// first to the end of the last (the proxy counts round trips within it).
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
     pub from: SystemTime,
@@ -82,49 +83,58 @@ pub async fn closed_loop<S: Session>(
     sessions: Vec<S>,
     timing: Timing,
     op: Op,
-) -> Result<(Sample, Window)> {
+) -> Result<(Sample, Option<Window>)> {
     let start = Instant::now();
     let measure_from = start + timing.warmup;
     let end = measure_from + timing.duration;
-    let wall_from = SystemTime::now() + timing.warmup;
 
     let mut tasks = JoinSet::new();
     for mut session in sessions {
         tasks.spawn(async move {
             let mut rng = SmallRng::from_os_rng();
             let mut latencies = Vec::new();
+            let mut span: Option<Window> = None;
             for _ in 0..MAX_OPS_PER_WORKER {
                 let call = op.draw(&mut rng);
                 let began = Instant::now();
                 if began >= end {
                     break;
                 }
+                let wall_began = SystemTime::now();
                 session.call(call).await?;
                 if began >= measure_from {
                     latencies.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    let from = span.map_or(wall_began, |s| s.from);
+                    span = Some(Window {
+                        from,
+                        to: SystemTime::now(),
+                    });
                 }
             }
-            Ok::<_, anyhow::Error>((session, latencies))
+            Ok::<_, anyhow::Error>((session, latencies, span))
         });
     }
 
     let mut all = Vec::new();
     let mut sessions = Vec::new();
+    let mut window: Option<Window> = None;
     while let Some(joined) = tasks.join_next().await {
-        let (session, latencies) = joined.context("worker task panicked")??;
+        let (session, latencies, span) = joined.context("worker task panicked")??;
         all.extend(latencies);
         sessions.push(session);
+        window = match (window, span) {
+            (Some(w), Some(s)) => Some(Window {
+                from: w.from.min(s.from),
+                to: w.to.max(s.to),
+            }),
+            (w, s) => w.or(s),
+        };
     }
-    let finished = Instant::now();
-    let secs = (finished - measure_from).as_secs_f64();
+    let secs = (Instant::now() - measure_from).as_secs_f64();
     drop(sessions);
 
     let ops = all.len() as u64;
     let (p50_us, p99_us) = percentiles(all);
-    let window = Window {
-        from: wall_from,
-        to: wall_from + Duration::from_secs_f64(secs),
-    };
     let sample = Sample {
         ops,
         secs,

@@ -44,7 +44,11 @@ impl DelayProxy {
                 });
             }
         });
-        Ok(Self { addr, bursts, accept })
+        Ok(Self {
+            addr,
+            bursts,
+            accept,
+        })
     }
 
     /// The proxy's listening address.
@@ -66,7 +70,12 @@ impl Drop for DelayProxy {
 }
 
 /// Relays both directions of one connection until either side closes.
-async fn relay(client: TcpStream, server: TcpStream, delay: Duration, bursts: Arc<Mutex<Vec<SystemTime>>>) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    delay: Duration,
+    bursts: Arc<Mutex<Vec<SystemTime>>>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
@@ -92,7 +101,12 @@ async fn relay(client: TcpStream, server: TcpStream, delay: Duration, bursts: Ar
 }
 
 /// Copies `from` to `to`, delivering each chunk `delay` after it was read.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration, on_chunk: impl Fn()) {
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    delay: Duration,
+    on_chunk: impl Fn(),
+) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
     let writer = async move {
         while let Some((due, chunk)) = rx.recv().await {
@@ -110,7 +124,11 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration, 
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     on_chunk();
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

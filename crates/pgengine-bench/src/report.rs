@@ -14,9 +14,20 @@ pub struct Report {
 
 impl Report {
     pub fn new(plan: Plan, server: ServerInfo, command: String, outcomes: Vec<Outcome>) -> Self {
-        Self { plan, server, command, outcomes }
+        Self {
+            plan,
+            server,
+            command,
+            outcomes,
+        }
     }
-    pub fn table(&self) -> String { String::new() }
-    pub fn targets_section(&self) -> String { String::new() }
-    pub fn benchmarks_md(&self) -> String { String::new() }
+    pub fn table(&self) -> String {
+        String::new()
+    }
+    pub fn targets_section(&self) -> String {
+        String::new()
+    }
+    pub fn benchmarks_md(&self) -> String {
+        String::new()
+    }
 }

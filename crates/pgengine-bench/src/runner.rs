@@ -74,7 +74,13 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub async fn new(plan: Plan, url: String, bin_dir: PathBuf, scratch: PathBuf, piccolo: Result<Piccolo, String>) -> Result<Self> {
+    pub async fn new(
+        plan: Plan,
+        url: String,
+        bin_dir: PathBuf,
+        scratch: PathBuf,
+        piccolo: Result<Piccolo, String>,
+    ) -> Result<Self> {
         let (upstream, proxy_url) = proxied(&url)?;
         let proxy = DelayProxy::start(upstream, PROXY_DELAY).await?;
         let proxy_url = proxy_url.replace("{}", &proxy.addr().to_string());
@@ -127,7 +133,11 @@ impl Runner {
                             outcome.samples.push(sample);
                         }
                         Err(e) => {
-                            eprintln!("{:<28} {:<18} failed: {e:#}", workload.id(), outcome.system.name());
+                            eprintln!(
+                                "{:<28} {:<18} failed: {e:#}",
+                                workload.id(),
+                                outcome.system.name()
+                            );
                             outcome.error = Some(format!("{e:#}"));
                         }
                     }
@@ -175,8 +185,16 @@ impl Runner {
         Ok(sample)
     }
 
-    async fn closed_loop(&self, system: System, workload: Workload, url: &str, timing: Timing) -> Result<(Sample, Option<Window>)> {
-        let op = workload.op(self.plan.accounts()).context("not a closed-loop workload")?;
+    async fn closed_loop(
+        &self,
+        system: System,
+        workload: Workload,
+        url: &str,
+        timing: Timing,
+    ) -> Result<(Sample, Option<Window>)> {
+        let op = workload
+            .op(self.plan.accounts())
+            .context("not a closed-loop workload")?;
         let clients = workload.concurrency();
         let measured = match system {
             System::TokioPostgres => {
@@ -188,13 +206,19 @@ impl Runner {
             }
             System::Deadpool => {
                 let pool = deadpool::pool(url, clients).await?;
-                let result = closed_loop(handles(clients, || DeadpoolSession(pool.clone())), timing, op).await;
+                let result = closed_loop(
+                    handles(clients, || DeadpoolSession(pool.clone())),
+                    timing,
+                    op,
+                )
+                .await;
                 pool.close();
                 result?
             }
             System::Sqlx => {
                 let pool = sqlx_sys::pool(url, clients).await?;
-                let result = closed_loop(handles(clients, || SqlxSession(pool.clone())), timing, op).await;
+                let result =
+                    closed_loop(handles(clients, || SqlxSession(pool.clone())), timing, op).await;
                 pool.close().await;
                 result?
             }
@@ -202,22 +226,31 @@ impl Runner {
             System::Pgengine => {
                 use crate::systems::pgengine::{PgengineSession, engine};
                 let engine = engine(url, clients).await?;
-                let result = closed_loop(handles(clients, || PgengineSession(engine.clone())), timing, op).await;
+                let result = closed_loop(
+                    handles(clients, || PgengineSession(engine.clone())),
+                    timing,
+                    op,
+                )
+                .await;
                 engine.close_connection_pool().await;
                 result?
             }
             System::Piccolo => {
                 let accounts = self.plan.accounts();
-                self.piccolo()?.closed_loop(url, workload, accounts, timing).await?
+                let (sample, window) = self
+                    .piccolo()?
+                    .closed_loop(url, workload, accounts, timing)
+                    .await?;
+                (sample, Some(window))
             }
             System::Pgbench => {
-                let sample = pgbench::run(&self.bin_dir, url, workload, timing, &self.scratch).await?;
+                let sample =
+                    pgbench::run(&self.bin_dir, url, workload, timing, &self.scratch).await?;
                 return Ok((sample, None));
             }
             other => bail!("{} cannot run {}", other.name(), workload.title()),
         };
-        let (sample, window) = measured;
-        Ok((sample, Some(window)))
+        Ok(measured)
     }
 
     fn piccolo(&self) -> Result<&Piccolo> {
@@ -250,5 +283,8 @@ fn proxied(url: &str) -> Result<(std::net::SocketAddr, String)> {
     let host_start = url[scheme_end..authority_end]
         .rfind('@')
         .map_or(scheme_end, |i| scheme_end + i + 1);
-    Ok((upstream, format!("{}{{}}{}", &url[..host_start], &url[authority_end..])))
+    Ok((
+        upstream,
+        format!("{}{{}}{}", &url[..host_start], &url[authority_end..]),
+    ))
 }

@@ -48,7 +48,8 @@ impl Session for DeadpoolSession {
                 let stmt = tx.prepare_cached(sql::TPCB_BRANCH).await?;
                 tx.execute(&stmt, &[&t.delta, &t.bid]).await?;
                 let stmt = tx.prepare_cached(sql::TPCB_HISTORY).await?;
-                tx.execute(&stmt, &[&t.tid, &t.bid, &t.aid, &t.delta]).await?;
+                tx.execute(&stmt, &[&t.tid, &t.bid, &t.aid, &t.delta])
+                    .await?;
                 tx.commit().await?;
             }
             Call::Atomic => {

@@ -5,9 +5,9 @@ use serde::Serialize;
 use crate::workloads::Workload;
 
 pub mod deadpool;
+pub mod pgbench;
 #[cfg(feature = "pgengine")]
 pub mod pgengine;
-pub mod pgbench;
 pub mod piccolo;
 pub mod sqlx;
 pub mod stream;

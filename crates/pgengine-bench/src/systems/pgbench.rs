@@ -12,7 +12,13 @@ use crate::workloads::Workload;
 
 /// Runs `workload` with pgbench; transactions that complete during the first
 /// `timing.warmup` (after the first completion) are not counted.
-pub async fn run(bin_dir: &Path, url: &str, workload: Workload, timing: Timing, scratch: &Path) -> Result<Sample> {
+pub async fn run(
+    bin_dir: &Path,
+    url: &str,
+    workload: Workload,
+    timing: Timing,
+    scratch: &Path,
+) -> Result<Sample> {
     let logs = scratch.join(format!("pgbench-{}", workload.id()));
     if logs.exists() {
         std::fs::remove_dir_all(&logs)?;
@@ -48,7 +54,10 @@ pub async fn run(bin_dir: &Path, url: &str, workload: Workload, timing: Timing, 
         .await
         .context("could not run pgbench")?;
     if !output.status.success() {
-        bail!("pgbench failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     from_logs(&logs, timing)
 }
@@ -67,7 +76,11 @@ fn from_logs(dir: &Path, timing: Timing) -> Result<Sample> {
             done.push((at, latency));
         }
     }
-    let first = done.iter().map(|d| d.0).min().context("pgbench logged no transaction")?;
+    let first = done
+        .iter()
+        .map(|d| d.0)
+        .min()
+        .context("pgbench logged no transaction")?;
     let last = done.iter().map(|d| d.0).max().unwrap_or(first);
     let from = first + timing.warmup.as_micros() as u64;
     let latencies: Vec<u32> = done.iter().filter(|d| d.0 > from).map(|d| d.1).collect();

@@ -28,7 +28,10 @@ impl Session for PgengineSession {
         match call {
             Call::PointSelect { aid } => {
                 let row = engine
-                    .fetch_one(sql!("SELECT abalance FROM pgbench_accounts WHERE aid = {}", aid))
+                    .fetch_one(sql!(
+                        "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+                        aid
+                    ))
                     .await?;
                 let _: i32 = row.try_get(0)?;
             }
@@ -77,7 +80,11 @@ impl Session for PgengineSession {
             Call::Atomic => {
                 let mut atomic = engine.atomic();
                 for i in 0..ATOMIC_INSERTS {
-                    atomic.add(sql!("INSERT INTO bench_atomic (a, b) VALUES ({}, {})", i, "x"));
+                    atomic.add(sql!(
+                        "INSERT INTO bench_atomic (a, b) VALUES ({}, {})",
+                        i,
+                        "x"
+                    ));
                 }
                 atomic.run().await?;
             }
@@ -88,7 +95,11 @@ impl Session for PgengineSession {
 }
 
 /// Streams `query` with `engine.batch`, handing each batch to `consume`.
-pub async fn stream(url: &str, query: &str, mut consume: impl FnMut(&[tokio_postgres::Row])) -> Result<()> {
+pub async fn stream(
+    url: &str,
+    query: &str,
+    mut consume: impl FnMut(&[tokio_postgres::Row]),
+) -> Result<()> {
     let engine = engine(url, 1).await?;
     let mut batch = engine.batch(query, BATCH_SIZE).await?;
     while let Some(rows) = batch.next().await? {

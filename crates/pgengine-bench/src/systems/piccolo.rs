@@ -31,7 +31,10 @@ impl Piccolo {
             return Ok(Self { python });
         }
         if !install {
-            bail!("no virtualenv at {} (quick mode installs nothing; run once without --quick)", dir.display());
+            bail!(
+                "no virtualenv at {} (quick mode installs nothing; run once without --quick)",
+                dir.display()
+            );
         }
         eprintln!("setting up the Piccolo virtualenv in {} …", dir.display());
         run_quietly(Command::new("python3").arg("-m").arg("venv").arg(dir))
@@ -39,7 +42,14 @@ impl Piccolo {
             .context("python3 -m venv failed (is python3 installed?)")?;
         run_quietly(
             Command::new(&python)
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
                 .arg(REQUIREMENTS),
         )
         .await
@@ -131,7 +141,10 @@ impl Piccolo {
             bail!("piccolo script failed: {}", last_lines(&stderr, 3));
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().last().context("piccolo script printed nothing")?;
+        let line = stdout
+            .lines()
+            .last()
+            .context("piccolo script printed nothing")?;
         Ok(serde_json::from_str(line)?)
     }
 }
@@ -152,7 +165,10 @@ struct Output {
 async fn run_quietly(command: &mut Command) -> Result<()> {
     let output = command.stdin(Stdio::null()).output().await?;
     if !output.status.success() {
-        bail!("{}", last_lines(&String::from_utf8_lossy(&output.stderr), 3));
+        bail!(
+            "{}",
+            last_lines(&String::from_utf8_lossy(&output.stderr), 3)
+        );
     }
     Ok(())
 }

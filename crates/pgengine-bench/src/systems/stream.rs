@@ -44,7 +44,10 @@ pub async fn measure_in_child(system: System, url: &str, table: &str, rows: u64)
         );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().context("stream child printed nothing")?;
+    let line = stdout
+        .lines()
+        .last()
+        .context("stream child printed nothing")?;
     let report: StreamReport = serde_json::from_str(line)?;
     if report.rows != rows {
         bail!("streamed {} rows, expected {rows}", report.rows);
@@ -56,7 +59,6 @@ pub async fn measure_in_child(system: System, url: &str, table: &str, rows: u64)
         ..Sample::default()
     })
 }
-
 
 /// Child side: streams the table and reports rows, seconds and VmHWM.
 pub async fn run_child(system: System, url: &str, table: &str, rows: u64) -> Result<StreamReport> {
@@ -81,8 +83,10 @@ pub async fn run_child(system: System, url: &str, table: &str, rows: u64) -> Res
             let pool = deadpool::pool(url, 1).await?;
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
-            tx.batch_execute(&format!("DECLARE bench_cursor NO SCROLL CURSOR FOR {query}"))
-                .await?;
+            tx.batch_execute(&format!(
+                "DECLARE bench_cursor NO SCROLL CURSOR FOR {query}"
+            ))
+            .await?;
             let fetch = tx
                 .prepare_cached(&format!("FETCH {BATCH_SIZE} FROM bench_cursor"))
                 .await?;
@@ -104,7 +108,8 @@ pub async fn run_child(system: System, url: &str, table: &str, rows: u64) -> Res
         }
         System::Copy => {
             let client = tokio_pg::connect(url).await?;
-            let copy = format!("COPY {table} (id, label, created, amount) TO STDOUT (FORMAT binary)");
+            let copy =
+                format!("COPY {table} (id, label, created, amount) TO STDOUT (FORMAT binary)");
             let stream = client.copy_out(copy.as_str()).await?;
             futures::pin_mut!(stream);
             while let Some(chunk) = stream.try_next().await? {

@@ -62,7 +62,8 @@ impl Session for TokioPgSession {
                 let _: i32 = tx.query_one(select, &[&t.aid]).await?.try_get(0)?;
                 tx.execute(teller, &[&t.delta, &t.tid]).await?;
                 tx.execute(branch, &[&t.delta, &t.bid]).await?;
-                tx.execute(history, &[&t.tid, &t.bid, &t.aid, &t.delta]).await?;
+                tx.execute(history, &[&t.tid, &t.bid, &t.aid, &t.delta])
+                    .await?;
                 tx.commit().await?;
             }
             Call::Atomic => {
@@ -71,7 +72,8 @@ impl Session for TokioPgSession {
                 let insert = &self.insert;
                 let tx_ref = &tx;
                 try_join_all(
-                    (0..ATOMIC_INSERTS).map(|i| async move { tx_ref.execute(insert, &[&i, &"x"]).await }),
+                    (0..ATOMIC_INSERTS)
+                        .map(|i| async move { tx_ref.execute(insert, &[&i, &"x"]).await }),
                 )
                 .await?;
                 tx.commit().await?;

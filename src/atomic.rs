@@ -1,0 +1,154 @@
+//! [`Atomic`]: collect queries, then run them all in one transaction, pipelined.
+
+use std::future::IntoFuture;
+
+use futures::future::BoxFuture;
+
+use crate::blocking;
+use crate::engine::PostgresEngine;
+use crate::error::Result;
+use crate::executor::{Executor, compile_all};
+use crate::pipeline::{self, Want};
+use crate::query::{Query, QueryString};
+
+/// Queries collected to run all together in one transaction: all are saved or none.
+///
+/// The statements are sent back to back without waiting for each other's answers, so a
+/// bundle costs a few round trips whatever its size. Inside an ambient transaction the
+/// bundle joins it (and rolls back with it). The list is emptied by every run, whether
+/// it succeeds or fails. A failing statement rolls back the bundle; the error names it
+/// ([`Error::statement`](crate::Error::statement)).
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use pgengine::sql;
+/// let mut atomic = engine.atomic();
+/// atomic.add("CREATE TABLE band (name text, popularity int)");
+/// for (name, popularity) in [("Pythonistas", 1000), ("Rustaceans", 2000)] {
+///     atomic.add(sql!("INSERT INTO band VALUES ({}, {})", name, popularity));
+/// }
+/// atomic.run().await?;      // or `atomic.await?`, or `atomic.run_sync()?` from sync code
+/// # Ok(()) }
+/// ```
+#[must_use = "an atomic does nothing until it is run or awaited"]
+pub struct Atomic {
+    engine: PostgresEngine,
+    queries: Vec<QueryString>,
+}
+
+impl Atomic {
+    pub(crate) fn new(engine: PostgresEngine) -> Self {
+        Self {
+            engine,
+            queries: Vec::new(),
+        }
+    }
+
+    /// Adds a query (all its statements).
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// let mut atomic = engine.atomic();
+    /// atomic.add("DELETE FROM band").add(pgengine::sql!("INSERT INTO band (name) VALUES ({})", "x"));
+    /// assert_eq!(atomic.len(), 2);
+    /// # }
+    /// ```
+    pub fn add(&mut self, query: impl Query) -> &mut Self {
+        self.queries.extend(query.into_querystrings());
+        self
+    }
+
+    /// Adds several queries at once.
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// let mut atomic = engine.atomic();
+    /// atomic.add_all((0..3).map(|i| pgengine::sql!("INSERT INTO t VALUES ({})", i)));
+    /// assert_eq!(atomic.len(), 3);
+    /// # }
+    /// ```
+    pub fn add_all<Q: Query>(&mut self, queries: impl IntoIterator<Item = Q>) -> &mut Self {
+        for query in queries {
+            self.add(query);
+        }
+        self
+    }
+
+    /// How many statements are waiting to run.
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// assert_eq!(engine.atomic().len(), 0);
+    /// # }
+    /// ```
+    pub fn len(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// Whether no statement is waiting to run.
+    ///
+    /// ```no_run
+    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// assert!(engine.atomic().is_empty());
+    /// # }
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.queries.is_empty()
+    }
+
+    /// Runs every added statement in one transaction and empties the list.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut atomic: pgengine::Atomic) -> pgengine::Result<()> {
+    /// atomic.run().await?;
+    /// assert!(atomic.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub async fn run(&mut self) -> Result<()> {
+        let queries = std::mem::take(&mut self.queries);
+        if queries.is_empty() {
+            return Ok(());
+        }
+        let compiled = compile_all(&queries)?;
+        let lease = self.engine.lease().await?;
+        pipeline::run(&lease, &compiled, Want::Counts).await?;
+        Ok(())
+    }
+
+    /// Runs it from synchronous code, blocking the thread until done.
+    ///
+    /// Outside any runtime it runs on a small runtime of pgengine's own. Called on a
+    /// multi-thread tokio runtime it blocks the calling worker (`block_in_place`, the
+    /// runtime moves its other tasks away) and never joins an ambient transaction.
+    /// On a current-thread runtime, where blocking would stall the connections it needs,
+    /// it is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error: use `.await` there.
+    ///
+    /// ```no_run
+    /// fn migrate(engine: &pgengine::PostgresEngine) -> pgengine::Result<()> {
+    ///     let mut atomic = engine.atomic();
+    ///     atomic.add("CREATE TABLE a (id int)").add("CREATE TABLE b (id int)");
+    ///     atomic.run_sync()
+    /// }
+    /// ```
+    pub fn run_sync(&mut self) -> Result<()> {
+        blocking::block_on(self.run())?
+    }
+}
+
+impl IntoFuture for Atomic {
+    type Output = Result<()>;
+    type IntoFuture = BoxFuture<'static, Result<()>>;
+
+    /// `atomic.await` runs it.
+    fn into_future(mut self) -> Self::IntoFuture {
+        Box::pin(async move { self.run().await })
+    }
+}
+
+impl std::fmt::Debug for Atomic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Atomic")
+            .field("queries", &self.queries)
+            .finish()
+    }
+}

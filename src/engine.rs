@@ -124,11 +124,11 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub async fn start_connection_pool(&self) -> Result<()> {
+        // Holding all of them at once makes the pool open every missing one.
         let pool = &self.shared.pool;
-        let missing = pool.status().max_size.saturating_sub(pool.status().size);
-        let opened =
-            futures::future::try_join_all((0..missing).map(|_| Connection::get(pool))).await?;
-        drop(opened);
+        let all = pool.status().max_size;
+        let held = futures::future::try_join_all((0..all).map(|_| Connection::get(pool))).await?;
+        drop(held);
         Ok(())
     }
 

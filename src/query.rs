@@ -171,10 +171,14 @@ impl QueryString {
         params: &mut Vec<&'a (dyn ToSql + Sync)>,
     ) -> Result<()> {
         if self.raw {
-            return Err(Error::invalid_input(format!(
-                "a raw query takes no arguments, got {}",
-                self.args.len()
-            )));
+            if !self.args.is_empty() {
+                return Err(Error::invalid_input(format!(
+                    "a raw query takes no arguments, got {}",
+                    self.args.len()
+                )));
+            }
+            sql.push_str(&self.template);
+            return Ok(());
         }
         let placeholders = count_placeholders(&self.template)?;
         if placeholders != self.args.len() {
@@ -270,6 +274,15 @@ impl fmt::Display for QueryString {
 pub struct CompiledQuery<'a> {
     sql: Cow<'a, str>,
     params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+impl fmt::Debug for CompiledQuery<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledQuery")
+            .field("sql", &self.sql)
+            .field("params", &self.params.len())
+            .finish()
+    }
 }
 
 impl<'a> CompiledQuery<'a> {

@@ -46,6 +46,9 @@ struct Cli {
     /// Only these systems (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<System>,
+    /// Only these workloads (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    workloads: Vec<Workload>,
     /// Output directory for results.json, chart.png and the Piccolo virtualenv.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -164,6 +167,7 @@ fn plan(cli: &Cli) -> Plan {
     };
     let workloads = Workload::ALL
         .into_iter()
+        .filter(|w| cli.workloads.is_empty() || cli.workloads.contains(w))
         .filter(|w| *w != Workload::StreamBig || (cli.big && !cli.quick))
         .collect();
     Plan {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use pgengine::{PostgresEngine, sql};
+use pgengine::{Executor, PostgresEngine, sql};
 
 use crate::measure::Session;
 use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Call};
@@ -38,7 +38,7 @@ impl Session for PgengineSession {
             Call::Tpcb(t) => {
                 engine
                     .transaction()
-                    .run(async |tx| {
+                    .run(async move |tx| {
                         tx.execute(sql!(
                             "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {}",
                             t.delta,
@@ -101,7 +101,7 @@ pub async fn stream(
     mut consume: impl FnMut(&[tokio_postgres::Row]),
 ) -> Result<()> {
     let engine = engine(url, 1).await?;
-    let mut batch = engine.batch(query, BATCH_SIZE).await?;
+    let mut batch = engine.batch(query.to_owned(), BATCH_SIZE).await?;
     while let Some(rows) = batch.next().await? {
         consume(&rows);
     }

@@ -4,7 +4,7 @@ use rand::Rng;
 use serde::Serialize;
 
 /// A benchmarked workload. Every system that can express it does the same work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Workload {
     /// Primary-key lookup on `pgbench_accounts`, one client.

@@ -1,0 +1,143 @@
+//! `QueryString` compilation: pure, no server. Property tests check that compiling never
+//! panics, that placeholders and parameters always agree, and that nesting depth does
+//! not matter.
+
+use pgengine::query::Arg;
+use pgengine::{ErrorKind, QueryString, sql};
+use proptest::prelude::*;
+
+/// Template pieces: plain SQL text (may hold `$`, quotes, unicode), escaped braces, or a
+/// placeholder.
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(String),
+    Escaped,
+    Placeholder,
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        "[a-zA-Z0-9 ,.'$é*()=<>-]{0,12}".prop_map(Piece::Text),
+        Just(Piece::Escaped),
+        Just(Piece::Placeholder),
+    ]
+}
+
+fn template_of(pieces: &[Piece]) -> (String, usize, String) {
+    let mut template = String::new();
+    let mut expected_literal = String::new();
+    let mut placeholders = 0;
+    for piece in pieces {
+        match piece {
+            Piece::Text(text) => {
+                template.push_str(text);
+                expected_literal.push_str(text);
+            }
+            Piece::Escaped => {
+                template.push_str("{{}}");
+                expected_literal.push_str("{}");
+            }
+            Piece::Placeholder => {
+                placeholders += 1;
+                template.push_str("{}");
+                expected_literal.push_str(&format!("${placeholders}"));
+            }
+        }
+    }
+    (template, placeholders, expected_literal)
+}
+
+proptest! {
+    /// Any string as a template with any number of arguments: an answer, never a panic;
+    /// on success the parameter count equals the argument count.
+    #[test]
+    fn compiling_never_panics(template in ".{0,64}", args in 0usize..4) {
+        let q = QueryString::with_args(template, (0..args).map(|i| Arg::from(i as i32)).collect());
+        match q.compile() {
+            Ok(compiled) => prop_assert_eq!(compiled.params().len(), args),
+            Err(e) => prop_assert_eq!(e.kind(), ErrorKind::InvalidInput),
+        }
+    }
+
+    /// A well-formed template compiles to `$1..$n` in order with `n` parameters; with one
+    /// argument too many or too few it is an error naming both counts.
+    #[test]
+    fn placeholders_and_parameters_agree(pieces in proptest::collection::vec(piece(), 0..12)) {
+        let (template, placeholders, expected) = template_of(&pieces);
+        let args = |n: usize| (0..n).map(|i| Arg::from(i as i64)).collect::<Vec<_>>();
+
+        let q = QueryString::with_args(template.clone(), args(placeholders));
+        let compiled = q.compile().unwrap();
+        prop_assert_eq!(compiled.sql(), expected.as_str());
+        prop_assert_eq!(compiled.params().len(), placeholders);
+
+        let extra = QueryString::with_args(template.clone(), args(placeholders + 1)).compile().unwrap_err();
+        prop_assert_eq!(extra.kind(), ErrorKind::InvalidInput);
+        let expected_counts = format!("{placeholders} placeholder");
+        prop_assert!(extra.to_string().contains(&expected_counts));
+        let expected_args = format!("{} argument", placeholders + 1);
+        prop_assert!(extra.to_string().contains(&expected_args));
+        if placeholders > 0 {
+            let fewer = QueryString::with_args(template, args(placeholders - 1)).compile().unwrap_err();
+            prop_assert_eq!(fewer.kind(), ErrorKind::InvalidInput);
+        }
+    }
+
+    /// Nesting a query `depth` levels deep, each level with its own arguments, numbers
+    /// the parameters 1..n in reading order, whatever the depth.
+    #[test]
+    fn nesting_depth_does_not_matter(depth in 0usize..40) {
+        let mut query = sql!("SELECT {}", 0_i32);
+        for level in 1..=depth {
+            let template = format!("SELECT {{}} FROM ({{}}) AS t{level} WHERE {{}} > 0");
+            query = sql!(template, level as i32, query, level as i32 * 10);
+        }
+        let compiled = query.compile().unwrap();
+        prop_assert_eq!(compiled.params().len(), 1 + 2 * depth);
+        let numbers: Vec<usize> = compiled
+            .sql()
+            .split('$')
+            .skip(1)
+            .map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap())
+            .collect();
+        let mut sorted = numbers.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(sorted, (1..=1 + 2 * depth).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn nested_query_arguments_are_renumbered() {
+    let inner = sql!(
+        "SELECT id FROM band WHERE popularity > {} AND name <> {}",
+        100,
+        "x"
+    );
+    let outer = sql!(
+        "SELECT * FROM concert WHERE band_id IN ({}) AND day = {}",
+        inner,
+        3
+    );
+    let compiled = outer.compile().unwrap();
+    assert_eq!(
+        compiled.sql(),
+        "SELECT * FROM concert WHERE band_id IN (SELECT id FROM band WHERE popularity > $1 AND name <> $2) AND day = $3"
+    );
+    assert_eq!(compiled.params().len(), 3);
+}
+
+#[test]
+fn braces_and_raw_sql() {
+    let q = sql!("SELECT '{{\"a\": {}}}'::jsonb", 1);
+    assert_eq!(q.compile().unwrap().sql(), "SELECT '{\"a\": $1}'::jsonb");
+    let lone = sql!("SELECT '{'").compile().unwrap_err();
+    assert_eq!(lone.kind(), ErrorKind::InvalidInput);
+    assert!(lone.to_string().contains("unmatched '{'"));
+    let raw = QueryString::raw("SELECT '{'");
+    assert_eq!(raw.compile().unwrap().sql(), "SELECT '{'");
+    let nested_raw = sql!("SELECT * FROM ({}) t", QueryString::raw("SELECT '}'"));
+    assert_eq!(
+        nested_raw.compile().unwrap().sql(),
+        "SELECT * FROM (SELECT '}') t"
+    );
+}

@@ -265,11 +265,11 @@ impl Lease {
     ) -> Result<Vec<Row>> {
         let connection = self.connection();
         let request = connection.guarded(async {
-            let client = connection.client();
-            let prepared = client.prepare_cached(sql).await?;
-            client.query(&prepared, params).await
+            match self.run_prepared(sql, params, true).await? {
+                Outcome::Rows(rows) => Ok(rows),
+                Outcome::Count(_) => unreachable!("rows were asked for"),
+            }
         });
-        let request = async { request.await.map_err(Error::from) };
         let result = self
             .engine
             .observe(sql, params, request, |rows| Some(rows.len()))
@@ -285,16 +285,48 @@ impl Lease {
     ) -> Result<u64> {
         let connection = self.connection();
         let request = connection.guarded(async {
-            let client = connection.client();
-            let prepared = client.prepare_cached(sql).await?;
-            client.execute(&prepared, params).await
+            let outcome = self.run_prepared(sql, params, false).await?;
+            Ok(outcome.count())
         });
-        let request = async { request.await.map_err(Error::from) };
         let result = self
             .engine
             .observe(sql, params, request, |&n| Some(n as usize))
             .await;
         self.noted(result)
+    }
+
+    /// Runs `sql` as a statement prepared once per connection (statement cache),
+    /// returning its rows or the count of rows it affected.
+    ///
+    /// When the server has invalidated a cached statement (a table it reads changed
+    /// shape: SQLSTATE 0A000), it is dropped from the cache; outside a transaction the
+    /// statement is then prepared and run once more, inside one the error stands (the
+    /// transaction is aborted) and the next use prepares it afresh.
+    async fn run_prepared(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        want_rows: bool,
+    ) -> Result<Outcome> {
+        let client = self.connection().client();
+        let mut may_retry = self.transaction.is_none();
+        loop {
+            let prepared = client.prepare_cached(sql).await?;
+            let answer = if want_rows {
+                client.query(&prepared, params).await.map(Outcome::Rows)
+            } else {
+                client.execute(&prepared, params).await.map(Outcome::Count)
+            };
+            match answer {
+                Err(error) if is_stale_statement(&error) => {
+                    client.statement_cache.remove(sql, &[]);
+                    if !std::mem::replace(&mut may_retry, false) {
+                        return Err(error.into());
+                    }
+                }
+                answer => return answer.map_err(Error::from),
+            }
+        }
     }
 
     /// One statement without parameters, not prepared (one round trip, nothing cached).
@@ -313,4 +345,12 @@ impl Lease {
             .await;
         self.noted(result)
     }
+}
+
+/// "cached plan must not change result type": a prepared statement outlived its table's shape.
+fn is_stale_statement(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+            && db.message().contains("cached plan")
+    })
 }

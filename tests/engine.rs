@@ -511,3 +511,21 @@ fn capture_events() -> (Arc<Mutex<Vec<Event>>>, tracing::subscriber::DefaultGuar
     let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
     (events, tracing::subscriber::set_default(subscriber))
 }
+
+/// A cached prepared statement whose table changed shape is prepared again, not an error.
+#[tokio::test]
+async fn cached_statement_survives_a_table_change() {
+    let (_db, engine) = common::engine_with(1).await;
+    engine
+        .run_ddl("CREATE TABLE s (a int); INSERT INTO s VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(engine.fetch("SELECT * FROM s").await.unwrap()[0].len(), 1);
+    engine
+        .run_ddl("ALTER TABLE s ADD COLUMN b int DEFAULT 2")
+        .await
+        .unwrap();
+    let rows = engine.fetch("SELECT * FROM s").await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    assert_eq!(rows[0].get::<_, i32>("b"), 2);
+}

@@ -1,8 +1,8 @@
 //! `PostgresEngine::from_env` reads `DATABASE_URL`. Alone in its test binary, because it
 //! changes the process environment.
 
-use pgengine::prelude::*;
 use pgengine::ErrorKind;
+use pgengine::prelude::*;
 use pgengine_testing::TestDatabase;
 
 #[tokio::test]
@@ -20,7 +20,11 @@ async fn from_env_uses_database_url_and_explains_when_missing() {
     // SAFETY: as above.
     unsafe { std::env::set_var("DATABASE_URL", db.url()) };
     let engine = PostgresEngine::from_env().await.unwrap();
-    let name: String = engine.fetch_one("SELECT current_database()::text").await.unwrap().get(0);
+    let name: String = engine
+        .fetch_one("SELECT current_database()::text")
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(name, db.name());
     engine.close_connection_pool().await;
 

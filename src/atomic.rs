@@ -14,7 +14,9 @@ use crate::query::{Query, QueryString};
 /// Queries collected to run all together in one transaction: all are saved or none.
 ///
 /// The statements are sent back to back without waiting for each other's answers, so a
-/// bundle costs a few round trips whatever its size. Inside an ambient transaction the
+/// bundle costs a few round trips whatever its size. (A parameterized text the
+/// connection has not prepared yet is prepared once; a statement may use what an
+/// earlier one in the bundle creates.) Inside an ambient transaction the
 /// bundle joins it (and rolls back with it). The list is emptied by every run, whether
 /// it succeeds or fails. A failing statement rolls back the bundle; the error names it
 /// ([`Error::statement`](crate::Error::statement)).
@@ -121,7 +123,8 @@ impl Atomic {
     /// multi-thread tokio runtime it blocks the calling worker (`block_in_place`, the
     /// runtime moves its other tasks away) and never joins an ambient transaction.
     /// On a current-thread runtime, where blocking would stall the connections it needs,
-    /// it is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error: use `.await` there.
+    /// it is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error: use `.await` there
+    /// (nothing ran then, so the list is kept for that).
     ///
     /// ```no_run
     /// fn migrate(engine: &pgengine::PostgresEngine) -> pgengine::Result<()> {

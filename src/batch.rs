@@ -15,13 +15,17 @@ use crate::pipeline::send_in_order;
 use crate::query::Query;
 use crate::transaction::PostgresTransaction;
 
+/// The largest `batch_size`: far more rows than fit in memory at once, and safe to add
+/// the one row read ahead to.
+const MAX_BATCH_SIZE: usize = i32::MAX as usize;
+
 /// The cursor name of a batch in its own transaction (one cursor per connection then).
 const OWN_CURSOR: &str = "pgengine_batch";
 
 /// The rows of a query, at most `batch_size` at a time, from a server-side cursor.
 ///
 /// Inside an ambient transaction it runs in that transaction (and sees its uncommitted
-/// rows), leaving it open. Otherwise it takes a pooled connection and its own read-only
+/// rows), leaving it open. Otherwise it takes a pooled connection and its own
 /// transaction, which ends as soon as the last rows arrive, or when the batch is
 /// dropped; either way the connection goes back clean. Memory holds one batch (plus one
 /// row read ahead, which tells the end without an extra empty fetch).
@@ -62,8 +66,10 @@ impl AsyncBatch {
         query: impl Query,
         batch_size: usize,
     ) -> Result<Self> {
-        if batch_size == 0 {
-            return Err(Error::invalid_input("batch_size must be at least 1"));
+        if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+            return Err(Error::invalid_input(format!(
+                "batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}"
+            )));
         }
         let statements = query.into_querystrings();
         if statements.len() != 1 {
@@ -98,8 +104,10 @@ impl AsyncBatch {
         type Answer = Result<Option<Vec<Row>>>;
         let mut requests: Vec<Pin<Box<dyn Future<Output = Answer> + Send + '_>>> = Vec::new();
         if own_transaction {
+            // Not READ ONLY: the query may call functions that write (`nextval`, …),
+            // as the same query through `fetch` may.
             requests.push(Box::pin(async {
-                lease.simple("BEGIN READ ONLY").await.map(|()| None)
+                lease.simple("BEGIN").await.map(|()| None)
             }));
         }
         requests.push(match &prepared {

@@ -175,6 +175,9 @@ pub struct Lease {
     transaction: Option<Arc<TxShared>>,
 }
 
+// A lease lives on the stack for one operation; boxing the pooled connection would only
+// add an allocation per query.
+#[allow(clippy::large_enum_variant)]
 enum Leased {
     Pooled(Connection),
     Shared(Arc<Connection>),

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -46,99 +47,203 @@ impl Outcome {
 /// Runs `statements` in order in one transaction: the lease's transaction when it has
 /// one, else its own (`BEGIN` … `COMMIT`, pipelined with the statements). The first
 /// failing statement is the error, with its index and SQL; a failure rolls back all.
+///
+/// A statement with parameters needs its prepared form (statement cache, once per
+/// connection) before it can be sent. A statement may depend on what an earlier one
+/// does (`CREATE TABLE t` then `INSERT INTO t …`), so a statement is only prepared
+/// after the ones before it were sent: a cache miss sends its `Parse` behind them and
+/// waits for that one answer. Outside a transaction the texts are first prepared all
+/// together, up front (where a failure aborts nothing), so that normally the misses
+/// cost one round trip in all; inside a transaction a failed `Parse` would abort it,
+/// so there each new text is prepared at its turn.
 pub(crate) async fn run(
     lease: &Lease,
     statements: &[CompiledQuery<'_>],
     want: Want,
 ) -> Result<Vec<Outcome>> {
+    let own_transaction = lease.transaction().is_none();
+    if own_transaction {
+        prepare_ahead(lease, statements).await;
+    }
+    let connection = lease.connection();
+    let result = connection
+        .guarded(run_in_order(lease, statements, want, own_transaction))
+        .await;
+    lease.noted(result)
+}
+
+/// Prepares each distinct parameterized text, pipelined; failures are left for the
+/// statement's turn (it may need what an earlier statement creates).
+async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
     let connection = lease.connection();
     let client = connection.client();
-
-    // Statements with parameters are prepared first (statement cache; the misses are
-    // pipelined together), so that the executions below need no extra round trip.
-    let prepares = statements.iter().map(|statement| async move {
-        if statement.params().is_empty() {
-            return Ok(None);
-        }
-        client.prepare_cached(statement.sql()).await.map(Some)
-    });
-    let prepared = connection
+    let mut texts: Vec<&str> = statements
+        .iter()
+        .filter(|statement| !statement.params().is_empty())
+        .map(CompiledQuery::sql)
+        .collect();
+    texts.sort_unstable();
+    texts.dedup();
+    let prepares = texts.into_iter().map(|sql| client.prepare_cached(sql));
+    connection
         .guarded(futures::future::join_all(prepares))
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(index, result)| {
-            result.map_err(|e| Error::from(e).with_statement(index, statements[index].sql()))
-        })
-        .collect::<Result<Vec<_>>>();
-    let prepared = lease.noted(prepared)?;
+        .await;
+}
 
-    let own_transaction = lease.transaction().is_none();
-    let last = statements.len() - 1;
-    let mut requests: Vec<Request<'_, Result<Outcome>>> = Vec::with_capacity(statements.len() + 2);
+async fn run_in_order(
+    lease: &Lease,
+    statements: &[CompiledQuery<'_>],
+    want: Want,
+    own_transaction: bool,
+) -> Result<Vec<Outcome>> {
+    let connection = lease.connection();
+    let client = connection.client();
+    let mut pipe = Pipe::with_capacity(statements.len() + 2);
     if own_transaction {
         connection.set_in_transaction(true);
-        requests.push(Box::pin(simple(lease, "BEGIN")));
+        pipe.send(Box::pin(simple(lease, "BEGIN"))).await;
     }
-    for (index, (statement, prepared)) in statements.iter().zip(&prepared).enumerate() {
+    let last = statements.len() - 1;
+    let mut failed_prepare = None;
+    for (index, statement) in statements.iter().enumerate() {
         let rows_wanted = want == Want::RowsOfLast && index == last;
         let params = statement.params();
         let sql = statement.sql();
-        let request: Request<'_, Result<Outcome>> = match (prepared, rows_wanted) {
-            (Some(prepared), true) => Box::pin(observed(lease, sql, params, async move {
-                client.query(prepared, params).await.map(Outcome::Rows)
-            })),
-            (Some(prepared), false) => Box::pin(observed(lease, sql, params, async move {
-                client.execute(prepared, params).await.map(Outcome::Count)
-            })),
-            (None, true) => Box::pin(observed(lease, sql, params, async move {
-                client.query_typed(sql, &[]).await.map(Outcome::Rows)
-            })),
-            (None, false) => Box::pin(observed(lease, sql, params, async move {
-                let messages = client.simple_query(sql).await?;
-                Ok(Outcome::Count(affected(&messages)))
-            })),
+        let request: Request<'_, Result<Outcome>> = if params.is_empty() {
+            if rows_wanted {
+                Box::pin(observed(lease, sql, params, async move {
+                    client.query_typed(sql, &[]).await.map(Outcome::Rows)
+                }))
+            } else {
+                Box::pin(observed(lease, sql, params, async move {
+                    let messages = client.simple_query(sql).await?;
+                    Ok(Outcome::Count(affected(&messages)))
+                }))
+            }
+        } else {
+            // A cache hit is ready at once; a miss is sent behind the statements before
+            // it, so that it sees what they did.
+            let prepared = match pipe.wait_for(client.prepare_cached(sql)).await {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    failed_prepare = Some((index, Error::from(error)));
+                    break;
+                }
+            };
+            if rows_wanted {
+                Box::pin(observed(lease, sql, params, async move {
+                    client.query(&prepared, params).await.map(Outcome::Rows)
+                }))
+            } else {
+                Box::pin(observed(lease, sql, params, async move {
+                    client.execute(&prepared, params).await.map(Outcome::Count)
+                }))
+            }
         };
-        requests.push(request);
+        pipe.send(request).await;
+        if pipe.any_failed() {
+            break; // the transaction is aborted: sending more is wasted
+        }
     }
     if own_transaction {
-        requests.push(Box::pin(simple(lease, "COMMIT")));
+        let failed = failed_prepare.is_some() || pipe.any_failed();
+        let end = if failed { "ROLLBACK" } else { "COMMIT" };
+        pipe.send(Box::pin(simple(lease, end))).await;
     }
 
-    let mut answers = connection.guarded(send_in_order(requests)).await;
+    let mut answers = pipe.finish().await;
+    let mut end = None;
     if own_transaction {
-        let commit = answers.pop().expect("COMMIT was sent");
-        let begin = answers.remove(0);
-        // A COMMIT that the server answered ended the transaction, a failed one too.
-        // (BEGIN cannot fail on a healthy idle session; on a broken one nothing runs.)
-        let server_answered = match &commit {
+        let end_answer = answers.pop().expect("COMMIT or ROLLBACK was sent");
+        // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an
+        // error. (BEGIN cannot fail on a healthy idle session; on a broken one nothing runs.)
+        let server_answered = match &end_answer {
             Ok(_) => true,
             Err(error) => error.database_error().is_some(),
         };
         if server_answered {
             connection.set_in_transaction(false);
         }
-        begin?;
-        let first_failure = answers
-            .iter()
-            .position(Result::is_err)
-            .map(|index| (index, answers.swap_remove(index)));
-        if let Some((index, Err(error))) = first_failure {
-            return Err(error.with_statement(index, statements[index].sql()));
-        }
-        commit?;
+        answers.remove(0)?; // BEGIN
+        end = Some(end_answer);
     }
-    let mut outcomes = Vec::with_capacity(answers.len());
-    for (index, answer) in answers.into_iter().enumerate() {
-        match answer {
-            Ok(outcome) => outcomes.push(outcome),
-            Err(error) => {
-                let error = error.with_statement(index, statements[index].sql());
-                return lease.noted(Err(error));
+    // `answers[i]` is statement `i`'s: the first failure is the error to report.
+    if let Some(index) = answers.iter().position(Result::is_err) {
+        let Err(error) = answers.swap_remove(index) else {
+            unreachable!("position found an error")
+        };
+        return Err(error.with_statement(index, statements[index].sql()));
+    }
+    if let Some((index, error)) = failed_prepare {
+        return Err(error.with_statement(index, statements[index].sql()));
+    }
+    if let Some(end) = end {
+        end?; // a COMMIT can fail too (deferred constraints, serialization)
+    }
+    answers.into_iter().collect()
+}
+
+/// Requests on one connection, each sent (polled once) as it is added, so that they go
+/// out in order without waiting for each other; their answers are collected as they come.
+struct Pipe<'a, T> {
+    answers: Vec<Option<T>>,
+    waiting: FuturesUnordered<BoxFuture<'a, (usize, T)>>,
+}
+
+impl<'a, T: Send + 'a> Pipe<'a, T> {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            answers: Vec::with_capacity(capacity),
+            waiting: FuturesUnordered::new(),
+        }
+    }
+
+    /// Sends `request` behind every request sent before it.
+    async fn send(&mut self, mut request: Request<'a, T>) {
+        let index = self.answers.len();
+        self.answers.push(None);
+        match futures::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await {
+            Poll::Ready(answer) => self.answers[index] = Some(answer),
+            Poll::Pending => self
+                .waiting
+                .push(Box::pin(async move { (index, request.await) })),
+        }
+    }
+
+    /// Runs `future` (sending what it sends behind everything sent so far), collecting
+    /// the answers of the requests in flight meanwhile: the driver only reads on while
+    /// earlier answers are taken.
+    async fn wait_for<F: Future>(&mut self, future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        futures::future::poll_fn(|cx| {
+            let output = future.as_mut().poll(cx);
+            while let Poll::Ready(Some((index, answer))) = self.waiting.poll_next_unpin(cx) {
+                self.answers[index] = Some(answer);
             }
-        }
+            output
+        })
+        .await
     }
-    Ok(outcomes)
+
+    /// Every answer, in the order the requests were sent.
+    async fn finish(mut self) -> Vec<T> {
+        while let Some((index, answer)) = self.waiting.next().await {
+            self.answers[index] = Some(answer);
+        }
+        self.answers
+            .into_iter()
+            .map(|answer| answer.expect("every request answered"))
+            .collect()
+    }
+}
+
+impl<O> Pipe<'_, Result<O>> {
+    /// Whether an answer that came already is an error.
+    fn any_failed(&self) -> bool {
+        self.answers
+            .iter()
+            .any(|answer| matches!(answer, Some(Err(_))))
+    }
 }
 
 /// Rows affected, summed over a simple query's statements.

@@ -536,10 +536,13 @@ impl PostgresTransaction {
                         "the nested transaction (savepoint {name}) is already finished"
                     )));
                 }
+                // This scope is finished from here on, so its own `lease` refuses: the
+                // closing statements go through a handle on the whole transaction.
+                let transaction = Self::joined(self.shared.clone());
                 if finish == Finish::Rollback {
-                    self.rollback_to(name).await?;
+                    transaction.rollback_to(name).await?;
                 }
-                self.release_savepoint(name).await
+                transaction.release_savepoint(name).await
             }
         }
     }

@@ -229,13 +229,11 @@ async fn a_failure_in_the_middle_stores_nothing_and_names_the_statement() {
     assert_eq!(failed.sql, "INSERT INTO t VALUES ($1, $2)");
     assert_eq!(count(&engine, "t").await, 0);
     common::assert_sessions_clean(&db).await;
-    // The (only) connection is fine: outside any transaction, usable.
-    let in_tx: bool = engine
-        .fetch_one("SELECT now() <> statement_timestamp()")
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!in_tx, "the session is still inside a transaction");
+    // The (only) connection is fine: usable, and outside any transaction (where a
+    // SAVEPOINT is refused: 25P01).
+    assert_eq!(count(&engine, "t").await, 0);
+    let err = engine.run_ddl("SAVEPOINT probe").await.unwrap_err();
+    assert_eq!(err.code(), Some("25P01"), "{err}");
 }
 
 #[tokio::test]
@@ -283,6 +281,25 @@ async fn statements_see_the_effects_of_earlier_ones() {
     assert_eq!(err.code(), Some("42P01"), "{err}");
     assert_eq!(err.statement().map(|s| s.index), Some(2));
     assert!(!table_exists(&engine, "other").await);
+
+    // The same inside an ambient transaction, where each new text is prepared at its turn.
+    engine
+        .transaction()
+        .run(async |tx| {
+            let mut atomic = engine.atomic();
+            atomic.add("CREATE TABLE other (id int, label text)");
+            atomic.add_all((0..10).map(|i| sql!("INSERT INTO other VALUES ({}, {})", i, "x")));
+            atomic.add(sql!("UPDATE other SET label = {} WHERE id >= {}", "y", 5));
+            atomic.run().await?;
+            let updated = tx
+                .fetch_one("SELECT count(*) FROM other WHERE label = 'y'")
+                .await?;
+            assert_eq!(updated.get::<_, i64>(0), 5);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(count(&engine, "other").await, 10);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -463,5 +480,21 @@ async fn round_trips_do_not_grow_with_the_statement_count() {
     );
     assert!(second < limit, "prepared: {second:?} ≥ {limit:?}");
     assert!(first < limit, "preparing: {first:?} ≥ {limit:?}");
-    assert_eq!(count(&engine, "t").await, 2 * i64::from(STATEMENTS));
+
+    // Inside an ambient transaction too (the statement is prepared already).
+    let in_transaction = engine
+        .transaction()
+        .run(async |_tx| {
+            let started = Instant::now();
+            bundle(2 * STATEMENTS).run().await?;
+            Ok::<_, Error>(started.elapsed())
+        })
+        .await
+        .unwrap();
+    eprintln!("the same inside a transaction: {in_transaction:?}");
+    assert!(
+        in_transaction < limit,
+        "in a transaction: {in_transaction:?} ≥ {limit:?}"
+    );
+    assert_eq!(count(&engine, "t").await, 3 * i64::from(STATEMENTS));
 }

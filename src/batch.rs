@@ -27,8 +27,10 @@ const OWN_CURSOR: &str = "pgengine_batch";
 /// Inside an ambient transaction it runs in that transaction (and sees its uncommitted
 /// rows), leaving it open. Otherwise it takes a pooled connection and its own
 /// transaction, which ends as soon as the last rows arrive, or when the batch is
-/// dropped; either way the connection goes back clean. Memory holds one batch (plus one
-/// row read ahead, which tells the end without an extra empty fetch).
+/// dropped; either way the connection goes back clean; there, the next batch is fetched
+/// while the caller handles the current one. Memory holds at most two batches (plus one
+/// row read ahead, which tells the end without an extra empty fetch), whatever the size
+/// of the result.
 ///
 /// ```no_run
 /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -47,6 +49,7 @@ pub struct AsyncBatch {
 }
 
 type Step = (Box<Cursor>, Result<Option<Vec<Row>>>);
+type Fetch = Pin<Box<dyn Future<Output = Result<Vec<Row>>> + Send>>;
 
 struct Cursor {
     lease: Lease,
@@ -54,6 +57,10 @@ struct Cursor {
     batch_size: usize,
     /// Rows read but not yet handed out: at most `batch_size + 1`.
     buffer: Vec<Row>,
+    /// A `FETCH` already sent (in the batch's own transaction only), with the number of
+    /// rows it asked for: the server reads the next rows while the caller handles the
+    /// current batch.
+    ahead: Option<(usize, Fetch)>,
     /// The server has sent the last row.
     server_done: bool,
     /// The cursor (and own transaction) is closed.
@@ -120,7 +127,7 @@ impl AsyncBatch {
             None => Box::pin(async { lease.simple(&declare).await.map(|()| None) }),
         });
         requests.push(Box::pin(async {
-            lease.query_unprepared(&first_fetch).await.map(Some)
+            lease.fetch_cursor(&first_fetch).await.map(Some)
         }));
         let mut answers = send_in_order(requests).await;
         let first_rows = answers.pop().expect("FETCH was sent");
@@ -131,10 +138,11 @@ impl AsyncBatch {
         let server_done = buffer.len() <= batch_size;
         Ok(Self {
             cursor: Some(Box::new(Cursor {
-                lease,
+                lease: lease.into_shared(),
                 name,
                 batch_size,
                 buffer,
+                ahead: None,
                 server_done,
                 closed: false,
             })),
@@ -198,9 +206,11 @@ impl Cursor {
             return Ok(None);
         }
         if self.buffer.len() <= self.batch_size && !self.server_done {
-            let wanted = self.batch_size + 1 - self.buffer.len();
-            let sql = format!("FETCH FORWARD {wanted} FROM {}", self.name);
-            match self.lease.query_unprepared(&sql).await {
+            let (wanted, fetch) = match self.ahead.take() {
+                Some(ahead) => ahead,
+                None => self.send_fetch().await,
+            };
+            match fetch.await {
                 Ok(rows) => {
                     self.server_done = rows.len() < wanted;
                     self.buffer.extend(rows);
@@ -223,10 +233,33 @@ impl Cursor {
             Vec::new()
         };
         let batch = std::mem::replace(&mut self.buffer, rest);
-        if self.server_done && self.buffer.is_empty() {
+        if !self.server_done {
+            // Fetch ahead only in the batch's own transaction: in the caller's, a fetch
+            // ahead that failed after the batch was dropped would abort the caller's
+            // transaction without anyone seeing the error.
+            if self.lease.transaction().is_none() {
+                self.ahead = Some(self.send_fetch().await);
+            }
+        } else if self.buffer.is_empty() {
             self.close(true).await?;
         }
         Ok(Some(batch))
+    }
+
+    /// Sends the `FETCH` for the rest of the next batch (and the row read ahead); its
+    /// answer is awaited later. Holds at most one batch more in memory.
+    ///
+    /// (`&mut self` keeps the cursor's future `Send` without asking `Sync` of it.)
+    async fn send_fetch(&mut self) -> (usize, Fetch) {
+        let wanted = self.batch_size + 1 - self.buffer.len();
+        let lease = self.lease.share().expect("a batch holds a shared lease");
+        let sql = format!("FETCH FORWARD {wanted} FROM {}", self.name);
+        let mut fetch: Fetch = Box::pin(async move { lease.fetch_cursor(&sql).await });
+        // The first poll puts the request on the wire.
+        if let Poll::Ready(answer) = futures::poll!(fetch.as_mut()) {
+            fetch = Box::pin(std::future::ready(answer));
+        }
+        (wanted, fetch)
     }
 
     /// Closes the cursor: commits (or, after an error, rolls back) its own transaction,

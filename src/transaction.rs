@@ -219,6 +219,12 @@ impl TransactionBuilder {
     /// failure or a deadlock (met by a query or by the `COMMIT`); when the attempts run
     /// out, the error is that database error with [`Error::attempts`] set.
     ///
+    /// The returned future is `Send` when the closure's is. To `tokio::spawn` it, make
+    /// the closure own what it uses (`async move |tx| …` over clones): with a closure
+    /// that borrows from its surroundings, today's compiler cannot prove the spawned
+    /// future `Send` ("implementation of `Send` is not general enough",
+    /// rust-lang/rust#139475).
+    ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
     /// use pgengine::prelude::*;
@@ -252,11 +258,19 @@ impl TransactionBuilder {
                     let _ = tx.finish_if_active(Finish::Rollback).await;
                     std::panic::resume_unwind(panic)
                 }
-                Ok(Ok(value)) => match tx.finish_if_active(Finish::Commit).await {
-                    Ok(()) => return Ok(value),
-                    Err(error) if error.is_retryable() && self.retry.is_some() => error,
-                    Err(error) => return Err(error.into()),
-                },
+                Ok(Ok(value)) => {
+                    // A serialization failure or deadlock that the body swallowed still
+                    // aborted the transaction (its COMMIT then fails): retry for it too.
+                    let cause = tx.shared.lock().retryable.clone();
+                    match (tx.finish_if_active(Finish::Commit).await, cause) {
+                        (Ok(()), _) => return Ok(value),
+                        (Err(error), _) if error.is_retryable() && self.retry.is_some() => error,
+                        (Err(_), Some(cause)) if self.retry.is_some() => {
+                            Error::from_database(cause)
+                        }
+                        (Err(error), _) => return Err(error.into()),
+                    }
+                }
                 Ok(Err(error)) => {
                     let cause = tx.shared.lock().retryable.clone();
                     let _ = tx.finish_if_active(Finish::Rollback).await;

@@ -1,5 +1,5 @@
 //! pgengine-bench: pgengine side by side with its peers, in one run against
-//! one server, interleaved. See `--help` and the crate's BENCHMARKS.md.
+//! one server, interleaved. See `--help` and BENCHMARKS.md at the repository root.
 
 mod chart;
 mod data;
@@ -37,12 +37,13 @@ struct Cli {
     /// Also stream a 10M-row table, to show memory stays flat.
     #[arg(long)]
     big: bool,
-    /// Measured seconds per repetition (default 3, quick 0.3).
+    /// Measured seconds per repetition (default 2, quick 0.3).
     #[arg(long)]
     duration: Option<f64>,
-    /// Repetitions per system and workload; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
+    /// Repetitions per system and workload; the median is reported
+    /// (default 3, quick 1).
+    #[arg(long)]
+    reps: Option<usize>,
     /// Only these systems (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<System>,
@@ -52,7 +53,7 @@ struct Cli {
     /// Output directory for results.json, chart.png and the Piccolo virtualenv.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where to write BENCHMARKS.md (default: the crate's, or OUT's in quick mode).
+    /// Where to write BENCHMARKS.md (default: the repository root's, or OUT's in quick mode).
     #[arg(long)]
     markdown: Option<PathBuf>,
     #[command(subcommand)]
@@ -97,11 +98,12 @@ async fn run(cli: Cli) -> Result<()> {
     let plan = plan(&cli);
     let out = cli.out.clone().unwrap_or_else(default_out_dir);
     std::fs::create_dir_all(&out)?;
+    let out = out.canonicalize()?;
     let markdown = cli.markdown.clone().unwrap_or_else(|| {
         if cli.quick {
             out.join("BENCHMARKS.md")
         } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md")
         }
     });
 
@@ -158,7 +160,7 @@ async fn run(cli: Cli) -> Result<()> {
 /// Sizes and durations from the flags.
 fn plan(cli: &Cli) -> Plan {
     let secs = |s: f64| Duration::from_secs_f64(s);
-    let duration = cli.duration.unwrap_or(if cli.quick { 0.3 } else { 3.0 });
+    let duration = cli.duration.unwrap_or(if cli.quick { 0.3 } else { 2.0 });
     let warmup = if cli.quick { 0.1 } else { 0.5 };
     let systems = if cli.systems.is_empty() {
         System::ALL.to_vec()
@@ -183,7 +185,7 @@ fn plan(cli: &Cli) -> Plan {
             warmup: secs(warmup * 2.0),
             duration: secs(duration * 2.0),
         },
-        reps: cli.reps.max(1),
+        reps: cli.reps.unwrap_or(if cli.quick { 1 } else { 3 }).max(1),
         systems,
         workloads,
     }

@@ -1,6 +1,7 @@
 //! Runs every workload for every system in one process against one server,
 //! interleaved: each repetition visits every system before the next starts.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -81,9 +82,8 @@ impl Runner {
         scratch: PathBuf,
         piccolo: Result<Piccolo, String>,
     ) -> Result<Self> {
-        let (upstream, proxy_url) = proxied(&url)?;
-        let proxy = DelayProxy::start(upstream, PROXY_DELAY).await?;
-        let proxy_url = proxy_url.replace("{}", &proxy.addr().to_string());
+        let proxy = DelayProxy::start(server_addr(&url)?, PROXY_DELAY).await?;
+        let proxy_url = with_addr(&url, proxy.addr())?;
         Ok(Self {
             plan,
             url,
@@ -263,19 +263,22 @@ fn handles<S: Session>(n: usize, make: impl Fn() -> S) -> Vec<S> {
     (0..n).map(|_| make()).collect()
 }
 
-/// The server's TCP address, and its URL with `{}` in place of host:port.
-fn proxied(url: &str) -> Result<(std::net::SocketAddr, String)> {
-    use std::net::ToSocketAddrs;
+/// The server's TCP address, from its URL.
+fn server_addr(url: &str) -> Result<SocketAddr> {
     let config: tokio_postgres::Config = url.parse()?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
         _ => bail!("the delay proxy needs a TCP host in the URL"),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    let upstream = (host.as_str(), port)
+    (host.as_str(), port)
         .to_socket_addrs()?
         .next()
-        .context("server host does not resolve")?;
+        .context("server host does not resolve")
+}
+
+/// `url` with its host and port replaced by `addr`.
+fn with_addr(url: &str, addr: SocketAddr) -> Result<String> {
     let scheme_end = url.find("://").context("not a URL")? + 3;
     let authority_end = url[scheme_end..]
         .find(['/', '?'])
@@ -283,8 +286,9 @@ fn proxied(url: &str) -> Result<(std::net::SocketAddr, String)> {
     let host_start = url[scheme_end..authority_end]
         .rfind('@')
         .map_or(scheme_end, |i| scheme_end + i + 1);
-    Ok((
-        upstream,
-        format!("{}{{}}{}", &url[..host_start], &url[authority_end..]),
+    Ok(format!(
+        "{}{addr}{}",
+        &url[..host_start],
+        &url[authority_end..]
     ))
 }

@@ -1,36 +1,36 @@
-//! [`AsyncBatch`]: a large result streamed `batch_size` rows at a time through a
-//! server-side cursor.
+//! [`AsyncBatch`]: a large result read `batch_size` rows at a time, with memory bounded
+//! by the batch size rather than the result size.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use futures::Stream;
-use tokio_postgres::Row;
+use futures::{Stream, StreamExt};
+use tokio_postgres::{Row, RowStream};
 
 use crate::engine::PostgresEngine;
 use crate::error::{Error, Result};
-use crate::executor::{Executor, Lease, compile_all};
-use crate::pipeline::send_in_order;
-use crate::query::Query;
+use crate::executor::{Executor, Lease, compile_all, is_stale_statement};
+use crate::query::{CompiledQuery, Query};
 use crate::transaction::PostgresTransaction;
 
 /// The largest `batch_size`: far more rows than fit in memory at once, and safe to add
 /// the one row read ahead to.
 const MAX_BATCH_SIZE: usize = i32::MAX as usize;
 
-/// The cursor name of a batch in its own transaction (one cursor per connection then).
-const OWN_CURSOR: &str = "pgengine_batch";
-
-/// The rows of a query, at most `batch_size` at a time, from a server-side cursor.
+/// The rows of a query, at most `batch_size` at a time.
 ///
-/// Inside an ambient transaction it runs in that transaction (and sees its uncommitted
-/// rows), leaving it open. Otherwise it takes a pooled connection and its own
-/// transaction, which ends as soon as the last rows arrive, or when the batch is
-/// dropped; either way the connection goes back clean; there, the next batch is fetched
-/// while the caller handles the current one. Memory holds at most two batches (plus one
-/// row read ahead, which tells the end without an extra empty fetch), whatever the size
-/// of the result.
+/// - Inside an ambient transaction it declares a server-side cursor in that transaction
+///   (so it sees the transaction's uncommitted rows) and `FETCH`es one batch at a time;
+///   the transaction stays open, free for other queries between batches.
+/// - Otherwise it takes a pooled connection and runs the statement in a transaction of
+///   its own (the statement's implicit one), reading its portal as the rows arrive: TCP
+///   flow control holds the server back while the caller is busy, so memory stays
+///   bounded with no round trip per batch. The transaction ends with the last row, and
+///   a batch dropped before that has its statement cancelled; either way the connection
+///   goes back clean.
+///
+/// One row is read ahead, which tells the end without an extra empty fetch.
 ///
 /// ```no_run
 /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -44,27 +44,26 @@ const OWN_CURSOR: &str = "pgengine_batch";
 /// # Ok(()) }
 /// ```
 pub struct AsyncBatch {
-    cursor: Option<Box<Cursor>>,
+    source: Option<Box<Source>>,
     in_flight: Option<Pin<Box<dyn Future<Output = Step> + Send>>>,
 }
 
-type Step = (Box<Cursor>, Result<Option<Vec<Row>>>);
-type Fetch = Pin<Box<dyn Future<Output = Result<Vec<Row>>> + Send>>;
+type Step = (Box<Source>, Result<Option<Vec<Row>>>);
 
-struct Cursor {
+/// Where the rows come from, and the row read ahead.
+struct Source {
     lease: Lease,
-    name: String,
+    rows: Rows,
     batch_size: usize,
-    /// Rows read but not yet handed out: at most `batch_size + 1`.
-    buffer: Vec<Row>,
-    /// A `FETCH` already sent (in the batch's own transaction only), with the number of
-    /// rows it asked for: the server reads the next rows while the caller handles the
-    /// current batch.
-    ahead: Option<(usize, Fetch)>,
-    /// The server has sent the last row.
-    server_done: bool,
-    /// The cursor (and own transaction) is closed.
-    closed: bool,
+    read_ahead: Option<Row>,
+    finished: bool,
+}
+
+enum Rows {
+    /// The statement's own portal, read as its rows arrive.
+    Streamed(Pin<Box<RowStream>>),
+    /// A cursor in the caller's transaction, read with `FETCH`.
+    Cursor { name: String },
 }
 
 impl AsyncBatch {
@@ -86,65 +85,22 @@ impl AsyncBatch {
             )));
         }
         let compiled = compile_all(&statements)?;
-        let statement = &compiled[0];
         let lease = engine.lease().await?;
-        let name = match lease.transaction() {
-            Some(tx) => PostgresTransaction::joined(tx.clone()).next_cursor_name(),
-            None => OWN_CURSOR.to_owned(),
+        let rows = match lease.transaction() {
+            Some(tx) => {
+                let name = PostgresTransaction::joined(tx.clone()).next_cursor_name();
+                declare_cursor(&lease, &name, &compiled[0]).await?;
+                Rows::Cursor { name }
+            }
+            None => Rows::Streamed(Box::pin(start_stream(&lease, &compiled[0]).await?)),
         };
-        let declare = format!("DECLARE {name} NO SCROLL CURSOR FOR {}", statement.sql());
-        let first_fetch = format!("FETCH FORWARD {} FROM {name}", batch_size + 1);
-
-        let connection = lease.connection();
-        let client = connection.client();
-        let own_transaction = lease.transaction().is_none();
-        let prepared = if statement.params().is_empty() {
-            None
-        } else {
-            let prepare = connection.guarded(client.prepare_cached(&declare));
-            Some(lease.noted(prepare.await.map_err(Error::from))?)
-        };
-        if own_transaction {
-            connection.set_in_transaction(true);
-        }
-        // BEGIN, DECLARE and the first FETCH go out together.
-        type Answer = Result<Option<Vec<Row>>>;
-        let mut requests: Vec<Pin<Box<dyn Future<Output = Answer> + Send + '_>>> = Vec::new();
-        if own_transaction {
-            // Not READ ONLY: the query may call functions that write (`nextval`, …),
-            // as the same query through `fetch` may.
-            requests.push(Box::pin(async {
-                lease.simple("BEGIN").await.map(|()| None)
-            }));
-        }
-        requests.push(match &prepared {
-            Some(prepared) => Box::pin(async {
-                let execute = client.execute(prepared, statement.params());
-                lease
-                    .noted(connection.guarded(execute).await.map_err(Error::from))
-                    .map(|_| None)
-            }),
-            None => Box::pin(async { lease.simple(&declare).await.map(|()| None) }),
-        });
-        requests.push(Box::pin(async {
-            lease.fetch_cursor(&first_fetch).await.map(Some)
-        }));
-        let mut answers = send_in_order(requests).await;
-        let first_rows = answers.pop().expect("FETCH was sent");
-        for answer in answers {
-            answer?;
-        }
-        let buffer = first_rows?.unwrap_or_default();
-        let server_done = buffer.len() <= batch_size;
         Ok(Self {
-            cursor: Some(Box::new(Cursor {
-                lease: lease.into_shared(),
-                name,
+            source: Some(Box::new(Source {
+                lease,
+                rows,
                 batch_size,
-                buffer,
-                ahead: None,
-                server_done,
-                closed: false,
+                read_ahead: None,
+                finished: false,
             })),
             in_flight: None,
         })
@@ -166,19 +122,19 @@ impl AsyncBatch {
 
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<Row>>>> {
         if self.in_flight.is_none() {
-            let Some(mut cursor) = self.cursor.take() else {
+            let Some(mut source) = self.source.take() else {
                 return Poll::Ready(Ok(None));
             };
             self.in_flight = Some(Box::pin(async move {
-                let batch = cursor.next_batch().await;
-                (cursor, batch)
+                let batch = source.next_batch().await;
+                (source, batch)
             }));
         }
         let in_flight = self.in_flight.as_mut().expect("a step is in flight");
-        let (cursor, batch) = ready!(in_flight.as_mut().poll(cx));
+        let (source, batch) = ready!(in_flight.as_mut().poll(cx));
         self.in_flight = None;
-        if !cursor.closed {
-            self.cursor = Some(cursor);
+        if !source.finished {
+            self.source = Some(source); // a finished source gives its connection back here
         }
         Poll::Ready(batch)
     }
@@ -195,88 +151,115 @@ impl Stream for AsyncBatch {
 impl std::fmt::Debug for AsyncBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncBatch")
-            .field("open", &(self.cursor.is_some() || self.in_flight.is_some()))
+            .field("open", &(self.source.is_some() || self.in_flight.is_some()))
             .finish()
     }
 }
 
-impl Cursor {
+/// Declares the cursor `name` for `statement` in the lease's transaction.
+async fn declare_cursor(lease: &Lease, name: &str, statement: &CompiledQuery<'_>) -> Result<()> {
+    let declare = format!("DECLARE {name} NO SCROLL CURSOR FOR {}", statement.sql());
+    if statement.params().is_empty() {
+        lease.simple(&declare).await
+    } else {
+        lease
+            .execute_sql(&declare, statement.params())
+            .await
+            .map(drop)
+    }
+}
+
+/// Starts the statement on the lease's pooled connection; its rows are read later.
+async fn start_stream(lease: &Lease, statement: &CompiledQuery<'_>) -> Result<RowStream> {
+    let connection = lease.connection();
+    let client = connection.client();
+    let start = async {
+        let mut may_retry = true;
+        loop {
+            let prepared = client.prepare_cached(statement.sql()).await?;
+            match client
+                .query_raw(&prepared, statement.params().iter().copied())
+                .await
+            {
+                // The table changed shape since the statement was cached: prepare afresh.
+                Err(error) if is_stale_statement(&error) && may_retry => {
+                    client.statement_cache.remove(statement.sql(), &[]);
+                    may_retry = false;
+                }
+                started => return started,
+            }
+        }
+    };
+    let stream = connection.guarded(start).await?;
+    connection.set_request_open(true);
+    Ok(stream)
+}
+
+impl Source {
+    /// Up to `batch_size` rows, reading one more ahead to learn whether they are the last.
     async fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
-        if self.closed {
+        if self.finished {
             return Ok(None);
         }
-        if self.buffer.len() <= self.batch_size && !self.server_done {
-            let (wanted, fetch) = match self.ahead.take() {
-                Some(ahead) => ahead,
-                None => self.send_fetch().await,
-            };
-            match fetch.await {
-                Ok(rows) => {
-                    self.server_done = rows.len() < wanted;
-                    self.buffer.extend(rows);
+        let mut batch = Vec::with_capacity(self.batch_size + 1);
+        batch.extend(self.read_ahead.take());
+        let wanted = self.batch_size + 1 - batch.len();
+        let ended = match self.read(wanted, &mut batch).await {
+            Ok(ended) => ended,
+            Err(error) => {
+                self.finished = true;
+                // The server ended a statement it reported an error for; after any
+                // other failure the request is left open, to be cancelled on drop.
+                if matches!(self.rows, Rows::Streamed(_)) && error.database_error().is_some() {
+                    self.lease.connection().set_request_open(false);
                 }
-                Err(error) => {
-                    // The query's error is the one to report; a failed rollback leaves
-                    // the connection marked, and it is rolled back or discarded on drop.
-                    let _ = self.close(false).await;
-                    return Err(error);
-                }
+                return Err(error);
             }
-        }
-        if self.buffer.is_empty() {
-            self.close(true).await?;
-            return Ok(None);
-        }
-        let rest = if self.buffer.len() > self.batch_size {
-            self.buffer.split_off(self.batch_size)
-        } else {
-            Vec::new()
         };
-        let batch = std::mem::replace(&mut self.buffer, rest);
-        if !self.server_done {
-            // Fetch ahead only in the batch's own transaction: in the caller's, a fetch
-            // ahead that failed after the batch was dropped would abort the caller's
-            // transaction without anyone seeing the error.
-            if self.lease.transaction().is_none() {
-                self.ahead = Some(self.send_fetch().await);
-            }
-        } else if self.buffer.is_empty() {
-            self.close(true).await?;
+        if batch.len() > self.batch_size {
+            self.read_ahead = batch.pop();
         }
-        Ok(Some(batch))
+        if ended {
+            self.finish().await?;
+        }
+        Ok((!batch.is_empty()).then_some(batch))
     }
 
-    /// Sends the `FETCH` for the rest of the next batch (and the row read ahead); its
-    /// answer is awaited later. Holds at most one batch more in memory.
-    ///
-    /// (`&mut self` keeps the cursor's future `Send` without asking `Sync` of it.)
-    async fn send_fetch(&mut self) -> (usize, Fetch) {
-        let wanted = self.batch_size + 1 - self.buffer.len();
-        let lease = self.lease.share().expect("a batch holds a shared lease");
-        let sql = format!("FETCH FORWARD {wanted} FROM {}", self.name);
-        let mut fetch: Fetch = Box::pin(async move { lease.fetch_cursor(&sql).await });
-        // The first poll puts the request on the wire.
-        if let Poll::Ready(answer) = futures::poll!(fetch.as_mut()) {
-            fetch = Box::pin(std::future::ready(answer));
+    /// Reads up to `wanted` rows into `batch`; true when the result has no more rows.
+    async fn read(&mut self, wanted: usize, batch: &mut Vec<Row>) -> Result<bool> {
+        match &mut self.rows {
+            Rows::Streamed(stream) => {
+                let before = batch.len();
+                while batch.len() - before < wanted {
+                    match stream.next().await {
+                        Some(row) => batch.push(row?),
+                        None => return Ok(true),
+                    }
+                }
+                Ok(false)
+            }
+            Rows::Cursor { name } => {
+                let rows = self
+                    .lease
+                    .fetch_cursor(&format!("FETCH FORWARD {wanted} FROM {name}"))
+                    .await?;
+                let ended = rows.len() < wanted;
+                batch.extend(rows);
+                Ok(ended)
+            }
         }
-        (wanted, fetch)
     }
 
-    /// Closes the cursor: commits (or, after an error, rolls back) its own transaction,
-    /// or closes the cursor inside the ambient one.
-    async fn close(&mut self, succeeded: bool) -> Result<()> {
-        self.closed = true;
-        match self.lease.transaction() {
-            Some(tx) if PostgresTransaction::joined(tx.clone()).is_active() && succeeded => {
-                self.lease.simple(&format!("CLOSE {}", self.name)).await
-            }
-            Some(_) => Ok(()),
-            None => {
-                let end = if succeeded { "COMMIT" } else { "ROLLBACK" };
-                self.lease.simple(end).await?;
-                self.lease.connection().set_in_transaction(false);
+    /// Ends the read: the streamed statement is complete (its connection is idle again),
+    /// or the cursor is closed in the caller's transaction.
+    async fn finish(&mut self) -> Result<()> {
+        self.finished = true;
+        match &self.rows {
+            Rows::Streamed(_) => {
+                self.lease.connection().set_request_open(false);
                 Ok(())
             }
+            Rows::Cursor { name } => self.lease.simple(&format!("CLOSE {name}")).await,
         }
     }
 }

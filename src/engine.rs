@@ -285,8 +285,8 @@ impl PostgresEngine {
         Atomic::new(self.clone())
     }
 
-    /// Streams the rows of `query`, at most `batch_size` at a time, through a
-    /// server-side cursor; see [`AsyncBatch`].
+    /// Streams the rows of `query`, at most `batch_size` at a time, in bounded memory
+    /// (a server-side cursor inside the ambient transaction); see [`AsyncBatch`].
     ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {

@@ -333,52 +333,25 @@ impl Lease {
     }
 
     /// A `FETCH` from a cursor: not prepared (one round trip, nothing cached).
-    ///
-    /// Unlike other requests it is not guarded: a `FETCH` answer is bounded, so one
-    /// abandoned (a batch dropped with a fetch ahead in flight) only delays the request
-    /// behind it, such as the `ROLLBACK` that cleans the connection.
     pub(crate) async fn fetch_cursor(&self, sql: &str) -> Result<Vec<Row>> {
-        let request = async {
-            self.connection()
+        let connection = self.connection();
+        let request = connection.guarded(async {
+            connection
                 .client()
                 .query_typed(sql, &[])
                 .await
                 .map_err(Error::from)
-        };
+        });
         let result = self
             .engine
             .observe(sql, &[], request, |rows| Some(rows.len()))
             .await;
         self.noted(result)
     }
-
-    /// The same lease held in shared form, so that it can be [`share`](Self::share)d.
-    pub(crate) fn into_shared(self) -> Self {
-        let connection = match self.connection {
-            Leased::Pooled(connection) => Arc::new(connection),
-            Leased::Shared(connection) => connection,
-        };
-        Self {
-            connection: Leased::Shared(connection),
-            ..self
-        }
-    }
-
-    /// A second handle on a shared lease (same connection, same transaction).
-    pub(crate) fn share(&self) -> Option<Self> {
-        match &self.connection {
-            Leased::Shared(connection) => Some(Self {
-                engine: self.engine.clone(),
-                connection: Leased::Shared(connection.clone()),
-                transaction: self.transaction.clone(),
-            }),
-            Leased::Pooled(_) => None,
-        }
-    }
 }
 
 /// "cached plan must not change result type": a prepared statement outlived its table's shape.
-fn is_stale_statement(error: &tokio_postgres::Error) -> bool {
+pub(crate) fn is_stale_statement(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|db| {
         db.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
             && db.message().contains("cached plan")

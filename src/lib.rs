@@ -4,7 +4,7 @@
 //! driver, [`tokio-postgres`](tokio_postgres). It owns the connection pool and gives
 //! transactions that never leak, nested transactions with a policy, savepoints,
 //! *atomic* bundles of queries sent in a few round trips, and batched streaming of
-//! large results through server-side cursors.
+//! large results in bounded memory.
 //!
 //! ```no_run
 //! use pgengine::prelude::*;

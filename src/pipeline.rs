@@ -279,34 +279,3 @@ async fn observed(
         })
         .await
 }
-
-/// Polls each request once, in order, so that they are sent in that order without
-/// waiting for each other; then waits for every answer. Answers come back in order.
-pub(crate) async fn send_in_order<'a, T: 'a>(requests: Vec<Request<'a, T>>) -> Vec<T> {
-    let mut answers: Vec<Option<T>> = std::iter::repeat_with(|| None)
-        .take(requests.len())
-        .collect();
-    let mut waiting = FuturesUnordered::new();
-    {
-        // Held as `&mut` so that the closure needs `Send`, not `Sync`, of the requests.
-        let (answers, waiting) = (&mut answers, &mut waiting);
-        let mut requests = requests.into_iter().enumerate();
-        futures::future::poll_fn(move |cx| {
-            for (index, mut request) in requests.by_ref() {
-                match request.as_mut().poll(cx) {
-                    Poll::Ready(answer) => answers[index] = Some(answer),
-                    Poll::Pending => waiting.push(async move { (index, request.await) }),
-                }
-            }
-            Poll::Ready(())
-        })
-        .await;
-    }
-    while let Some((index, answer)) = waiting.next().await {
-        answers[index] = Some(answer);
-    }
-    answers
-        .into_iter()
-        .map(|answer| answer.expect("every request answered"))
-        .collect()
-}

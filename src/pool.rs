@@ -3,8 +3,9 @@
 //! A [`Connection`] knows whether it is inside a transaction and whether a request on it
 //! was abandoned (its future dropped before the answer came). When it goes back, a clean
 //! connection returns to the pool as is; one left inside a transaction is rolled back
-//! first; one with an abandoned request has that request cancelled and is discarded. The
-//! pool slot stays taken until that is done, so the next user never sees a dirty session.
+//! first; one with an abandoned request has that request cancelled first. Where any of
+//! that fails, the connection is discarded. The pool slot stays taken until that is
+//! done, so the next user never sees a dirty session.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +38,7 @@ pub(crate) fn create_pool(pg: tokio_postgres::Config, settings: &EngineSettings)
 pub(crate) struct Connection {
     object: Option<Object>,
     in_transaction: AtomicBool,
-    interrupted: AtomicBool,
+    unfinished: AtomicBool,
 }
 
 impl Connection {
@@ -47,7 +48,7 @@ impl Connection {
         Ok(Self {
             object: Some(object),
             in_transaction: AtomicBool::new(false),
-            interrupted: AtomicBool::new(false),
+            unfinished: AtomicBool::new(false),
         })
     }
 
@@ -63,11 +64,18 @@ impl Connection {
         self.in_transaction.store(open, Ordering::Release);
     }
 
+    /// Records that a request whose answer is read over time (a streamed result) is
+    /// open (`true`) or finished (`false`); dropped while open, it is cancelled.
+    pub(crate) fn set_request_open(&self, open: bool) {
+        self.unfinished.store(open, Ordering::Release);
+    }
+
     /// Runs a request on this connection; if the returned future is dropped before the
-    /// request finishes, the connection is marked so that it is not reused.
+    /// request finishes, the connection is marked so that the request is cancelled
+    /// before the connection is reused.
     pub(crate) async fn guarded<F: Future>(&self, request: F) -> F::Output {
         let guard = AbandonGuard {
-            interrupted: &self.interrupted,
+            unfinished: &self.unfinished,
             finished: false,
         };
         let output = request.await;
@@ -76,9 +84,9 @@ impl Connection {
     }
 }
 
-/// Marks the connection interrupted unless the request it guards finished.
+/// Marks the connection as having an unfinished request unless the request it guards finished.
 struct AbandonGuard<'a> {
-    interrupted: &'a AtomicBool,
+    unfinished: &'a AtomicBool,
     finished: bool,
 }
 
@@ -91,7 +99,7 @@ impl AbandonGuard<'_> {
 impl Drop for AbandonGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.interrupted.store(true, Ordering::Release);
+            self.unfinished.store(true, Ordering::Release);
         }
     }
 }
@@ -101,18 +109,18 @@ impl Drop for Connection {
         let Some(object) = self.object.take() else {
             return;
         };
-        let interrupted = self.interrupted.load(Ordering::Acquire);
+        let unfinished = self.unfinished.load(Ordering::Acquire);
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
         if object.is_closed() {
             drop(Object::take(object));
             return;
         }
-        if !interrupted && !in_transaction {
+        if !unfinished && !in_transaction {
             return; // clean: `object` goes back to the pool here
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(restore(object, interrupted));
+                runtime.spawn(restore(object, unfinished));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
             Err(_) => drop(Object::take(object)),
@@ -120,18 +128,25 @@ impl Drop for Connection {
     }
 }
 
-/// Makes a dirty connection safe: cancel and discard it after an abandoned request,
-/// else roll back its transaction and return it to the pool.
-async fn restore(object: Object, interrupted: bool) {
-    if interrupted {
-        let _ = object.cancel_token().cancel_query(NoTls).await;
-        drop(Object::take(object));
-        return;
+/// Makes a dirty connection safe before it is reused: cancels an unfinished request,
+/// then rolls back whatever transaction is open; a connection where that fails is
+/// discarded (closing it makes the server roll back).
+///
+/// `cancel_query` returns once the server has signalled the session, so the cancel
+/// cannot reach a later request: the `ROLLBACK` behind it, at worst, which then fails
+/// and the connection is discarded.
+async fn restore(object: Object, unfinished: bool) {
+    if unfinished {
+        if let Err(e) = object.cancel_token().cancel_query(NoTls).await {
+            tracing::warn!(target: "pgengine::pool", error = %e, "discarding a connection whose request could not be cancelled");
+            drop(Object::take(object));
+            return;
+        }
     }
     match object.batch_execute("ROLLBACK").await {
         Ok(()) => drop(object),
         Err(e) => {
-            tracing::warn!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
+            tracing::debug!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
             drop(Object::take(object));
         }
     }

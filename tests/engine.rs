@@ -529,3 +529,34 @@ async fn cached_statement_survives_a_table_change() {
     assert_eq!(rows[0].len(), 2);
     assert_eq!(rows[0].get::<_, i32>("b"), 2);
 }
+
+/// A query abandoned mid-flight (its future dropped) is cancelled on the server, and the
+/// connection is reused clean: the next query neither waits for it nor is disturbed.
+#[tokio::test]
+async fn abandoned_query_is_cancelled_and_the_connection_reused() {
+    let (db, engine) = common::engine_with(1).await;
+    let pid: i32 = engine
+        .fetch_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        engine.fetch("SELECT pg_sleep(30)"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the query was still running");
+    let started = Instant::now();
+    let again: i32 = engine
+        .fetch_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(again, pid, "the same connection, reused");
+    common::assert_sessions_clean(&db).await;
+}

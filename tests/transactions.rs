@@ -595,6 +595,8 @@ async fn check_after_cancel(
 /// (or, cancelled during COMMIT, everything), and the next transaction works.
 #[tokio::test]
 async fn guard_transaction_cancelled_at_every_await_point() {
+    // Statement texts carry `k` literally: each run prepares them afresh, so every run
+    // has the same await points (none skipped by the statement cache).
     let (db, engine) = common::engine_with(1).await;
     create_item(&engine).await;
     let observer = db.connect().await.unwrap();
@@ -611,16 +613,16 @@ async fn guard_transaction_cancelled_at_every_await_point() {
                 .begin()
                 .await?;
             stage.store(2, Ordering::SeqCst);
-            tx.execute(sql!("INSERT INTO item VALUES ({}, 'a')", k))
+            tx.execute(format!("INSERT INTO item VALUES ({k}, 'a')"))
                 .await?;
             stage.store(3, Ordering::SeqCst);
             let seen: i64 = tx
-                .fetch_one(sql!("SELECT count(*) FROM item WHERE k = {}", k))
+                .fetch_one(format!("SELECT count(*) FROM item WHERE k = {k}"))
                 .await?
                 .get(0);
             assert_eq!(seen, 1);
             stage.store(4, Ordering::SeqCst);
-            tx.execute(sql!("INSERT INTO item VALUES ({}, 'b')", k))
+            tx.execute(format!("INSERT INTO item VALUES ({k}, 'b')"))
                 .await?;
             stage.store(5, Ordering::SeqCst);
             tx.commit().await?;
@@ -646,6 +648,7 @@ async fn guard_transaction_cancelled_at_every_await_point() {
 /// point (BEGIN, the body's queries, COMMIT).
 #[tokio::test]
 async fn closure_transaction_cancelled_at_every_await_point() {
+    // Statement texts carry `k` literally, as above.
     let (db, engine) = common::engine_with(1).await;
     create_item(&engine).await;
     let observer = db.connect().await.unwrap();
@@ -659,17 +662,17 @@ async fn closure_transaction_cancelled_at_every_await_point() {
             .isolation(IsolationLevel::RepeatableRead)
             .run(async |tx| {
                 stage.store(2, Ordering::SeqCst);
-                tx.execute(sql!("INSERT INTO item VALUES ({}, 'a')", k))
+                tx.execute(format!("INSERT INTO item VALUES ({k}, 'a')"))
                     .await?;
                 stage.store(3, Ordering::SeqCst);
                 let seen: i64 = engine
-                    .fetch_one(sql!("SELECT count(*) FROM item WHERE k = {}", k))
+                    .fetch_one(format!("SELECT count(*) FROM item WHERE k = {k}"))
                     .await?
                     .get(0);
                 assert_eq!(seen, 1);
                 stage.store(4, Ordering::SeqCst);
                 engine
-                    .execute(sql!("INSERT INTO item VALUES ({}, 'b')", k))
+                    .execute(format!("INSERT INTO item VALUES ({k}, 'b')"))
                     .await?;
                 stage.store(5, Ordering::SeqCst); // COMMIT follows
                 Ok::<_, Error>(())

@@ -1,13 +1,13 @@
 //! [`Atomic`]: collect queries, then run them all in one transaction, pipelined.
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 
 use futures::future::BoxFuture;
 
 use crate::blocking;
 use crate::engine::PostgresEngine;
 use crate::error::Result;
-use crate::executor::{Executor, compile_all};
+use crate::executor::{Executor, Lease, compile_all};
 use crate::pipeline::{self, Want};
 use crate::query::{Query, QueryString};
 
@@ -108,23 +108,19 @@ impl Atomic {
     /// ```
     pub async fn run(&mut self) -> Result<()> {
         let queries = std::mem::take(&mut self.queries);
-        if queries.is_empty() {
-            return Ok(());
-        }
-        let compiled = compile_all(&queries)?;
-        let lease = self.engine.lease().await?;
-        pipeline::run(&lease, &compiled, Want::Counts).await?;
-        Ok(())
+        run_all(queries, self.engine.lease()).await
     }
 
-    /// Runs it from synchronous code, blocking the thread until done.
+    /// Runs it from synchronous code, blocking the thread until done; the list is
+    /// emptied as by [`run`](Self::run).
     ///
-    /// Outside any runtime it runs on a small runtime of pgengine's own. Called on a
-    /// multi-thread tokio runtime it blocks the calling worker (`block_in_place`, the
-    /// runtime moves its other tasks away) and never joins an ambient transaction.
-    /// On a current-thread runtime, where blocking would stall the connections it needs,
-    /// it is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error: use `.await` there
-    /// (nothing ran then, so the list is kept for that).
+    /// It works from any thread: plain synchronous code, or one inside a tokio runtime
+    /// of either flavour. The cost: it runs on a one-thread runtime of pgengine's own,
+    /// on connections opened and kept there (a second pool, with the same settings,
+    /// opened on first use), so it never joins an ambient transaction; called inside a
+    /// runtime it also waits from a helper thread, and blocks the calling worker
+    /// meanwhile (on a multi-thread runtime, after handing its other tasks away). In
+    /// async code, prefer `.await`.
     ///
     /// ```no_run
     /// fn migrate(engine: &pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -134,8 +130,24 @@ impl Atomic {
     /// }
     /// ```
     pub fn run_sync(&mut self) -> Result<()> {
-        blocking::block_on(self.run())?
+        let queries = std::mem::take(&mut self.queries);
+        let engine = self.engine.shared.clone();
+        blocking::block_on(run_all(queries, engine.sync_lease()))?
     }
+}
+
+/// Runs `queries` in one transaction on the connection `lease` gives.
+async fn run_all(
+    queries: Vec<QueryString>,
+    lease: impl Future<Output = Result<Lease>>,
+) -> Result<()> {
+    if queries.is_empty() {
+        return Ok(());
+    }
+    let compiled = compile_all(&queries)?;
+    let lease = lease.await?;
+    pipeline::run(&lease, &compiled, Want::Counts).await?;
+    Ok(())
 }
 
 impl IntoFuture for Atomic {

@@ -1,4 +1,8 @@
 //! Running async work from synchronous code (`run_sync`).
+//!
+//! The work runs on pgengine's own runtime, on connections opened there (the engine's
+//! `sync_pool`): a caller's runtime, blocked meanwhile or not running at all, drives
+//! none of them, so nothing waits on it.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -7,18 +11,32 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 use crate::error::{Error, Result};
 
-/// Blocks the current thread on `future`; see [`Atomic::run_sync`](crate::Atomic::run_sync).
-pub(crate) fn block_on<F: Future>(future: F) -> Result<F::Output> {
-    match Handle::try_current() {
-        Err(_) => Ok(own_runtime()?.block_on(future)),
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            Ok(tokio::task::block_in_place(|| handle.block_on(future)))
-        }
-        Ok(_) => Err(Error::invalid_input(
-            "run_sync cannot block a current-thread tokio runtime (the connections it needs \
-             run on that thread); use `.await` there, or a multi-thread runtime",
-        )),
-    }
+/// Blocks the current thread until `future` is done on pgengine's runtime.
+///
+/// Called on a thread that runs a tokio runtime, it waits from a helper thread (tokio
+/// forbids starting a runtime inside another); on a multi-thread runtime's worker it
+/// first hands the worker's other tasks to the rest of the runtime (`block_in_place`).
+pub(crate) fn block_on<F>(future: F) -> Result<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let runtime = own_runtime()?;
+    let Ok(caller) = Handle::try_current() else {
+        return Ok(runtime.block_on(future));
+    };
+    let wait = || {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime.block_on(future))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    };
+    Ok(match caller.runtime_flavor() {
+        RuntimeFlavor::MultiThread => tokio::task::block_in_place(wait),
+        _ => wait(),
+    })
 }
 
 /// pgengine's own runtime for synchronous callers: one worker, which also drives the

@@ -40,6 +40,9 @@ pub struct PostgresEngine {
 pub(crate) struct EngineShared {
     pub id: u64,
     pub pool: Pool,
+    /// Connections for `run_sync`, opened and driven on pgengine's own runtime, so that
+    /// a blocked caller's runtime never stalls them. Empty until first used.
+    pub sync_pool: Pool,
     pub settings: EngineSettings,
     query_ids: AtomicU64,
 }
@@ -92,11 +95,13 @@ impl PostgresEngine {
 
     /// Creates the pool, checks the server version and prepares the database.
     pub(crate) async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
-        let pool = create_pool(pg, &settings)?;
+        let pool = create_pool(pg.clone(), &settings)?;
+        let sync_pool = create_pool(pg, &settings)?;
         let engine = Self {
             shared: Arc::new(EngineShared {
                 id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
                 pool,
+                sync_pool,
                 settings,
                 query_ids: AtomicU64::new(1),
             }),
@@ -144,9 +149,11 @@ impl PostgresEngine {
     /// # }
     /// ```
     pub async fn close_connection_pool(&self) {
-        let pool = &self.shared.pool;
-        pool.close();
-        while pool.status().size > 0 {
+        let pools = [&self.shared.pool, &self.shared.sync_pool];
+        for pool in pools {
+            pool.close();
+        }
+        while pools.iter().any(|pool| pool.status().size > 0) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -344,6 +351,12 @@ impl Executor for PostgresEngine {
 }
 
 impl EngineShared {
+    /// A connection for `run_sync`, from the pool that pgengine's own runtime drives.
+    pub(crate) async fn sync_lease(self: &Arc<Self>) -> Result<Lease> {
+        let connection = Connection::get(&self.sync_pool).await?;
+        Ok(Lease::pooled(self.clone(), connection))
+    }
+
     /// Runs one request and reports it to `tracing` as configured: the query event
     /// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).
     ///

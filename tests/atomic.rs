@@ -335,21 +335,43 @@ async fn run_sync_inside_a_multi_thread_runtime() {
     common::assert_sessions_clean(&db).await;
 }
 
+/// `run_sync` on a current-thread runtime's own thread: it works, without deadlocking
+/// on the connections that runtime drives.
 #[tokio::test]
-async fn run_sync_on_a_current_thread_runtime_is_invalid_input() {
+async fn run_sync_on_a_current_thread_runtime() {
     let (db, engine) = common::engine().await;
     let mut atomic = ddl(&engine, false);
-    let started = Instant::now();
-    let err = atomic.run_sync().unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(5), "it waited");
-    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
-    assert!(err.to_string().contains(".await"), "{err}");
-    // Nothing ran, so nothing was taken: the same atomic can be awaited instead.
-    assert!(!table_exists(&engine, "first_table").await);
-    assert_eq!(atomic.len(), 2);
-    atomic.run().await.unwrap();
+    atomic.run_sync().unwrap();
+    assert!(atomic.is_empty());
     assert!(table_exists(&engine, "first_table").await);
+    assert!(table_exists(&engine, "second_table").await);
     common::assert_sessions_clean(&db).await;
+}
+
+/// `run_sync` while the runtime that opened the engine's connections sits idle (a
+/// current-thread runtime between `block_on` calls): it still completes.
+#[test]
+fn run_sync_while_the_engine_runtime_is_idle() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (db, engine) = runtime.block_on(common::engine());
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn({
+        let engine = engine.clone();
+        move || {
+            let mut atomic = ddl(&engine, false);
+            done.send(atomic.run_sync()).unwrap();
+        }
+    });
+    let result = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("run_sync finished instead of hanging");
+    result.unwrap();
+    worker.join().unwrap();
+    assert!(runtime.block_on(table_exists(&engine, "second_table")));
+    runtime.block_on(common::assert_sessions_clean(&db));
 }
 
 #[tokio::test]

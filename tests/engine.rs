@@ -560,3 +560,95 @@ async fn abandoned_query_is_cancelled_and_the_connection_reused() {
     assert_eq!(again, pid, "the same connection, reused");
     common::assert_sessions_clean(&db).await;
 }
+
+/// `log_responses` reports each answer's row count at DEBUG.
+#[tokio::test]
+async fn log_responses_reports_row_counts() {
+    let db = TestDatabase::new().await.unwrap();
+    let engine = common::builder(&db)
+        .log_responses(true)
+        .build()
+        .await
+        .unwrap();
+    let (events, _guard) = capture_events();
+    engine.fetch("SELECT generate_series(1, 3)").await.unwrap();
+    let events = events.lock().unwrap();
+    let responses: Vec<_> = events
+        .iter()
+        .filter(|e| e.level == tracing::Level::DEBUG && e.text.contains("message=response"))
+        .collect();
+    assert_eq!(responses.len(), 1, "{events:?}");
+    assert!(
+        responses[0].text.contains("rows=3"),
+        "{}",
+        responses[0].text
+    );
+}
+
+/// A session killed under the engine: at worst that query fails with a clear error;
+/// the dead connection is replaced and the next query works.
+#[tokio::test]
+async fn killed_session_is_replaced() {
+    let (db, engine) = common::engine_with(1).await;
+    let pid: i32 = engine
+        .fetch_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    let observer = db.connect().await.unwrap();
+    observer
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    // pg_terminate_backend only signals; wait until the session is really gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while observer
+        .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .len()
+        == 1
+    {
+        assert!(Instant::now() < deadline, "the session did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match engine.fetch("SELECT 1").await {
+        Ok(_) => {}
+        Err(e) => assert!(
+            e.kind() == ErrorKind::Connection || e.code() == Some("57P01"),
+            "{e}"
+        ),
+    }
+    let again: i32 = engine
+        .fetch_one("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(again, pid, "a new session");
+}
+
+/// The whole server gone: queries fail fast with a connection or connect error, no hang.
+#[tokio::test]
+async fn server_gone_is_an_error_not_a_hang() {
+    let cluster = pgengine_testing::EphemeralCluster::start().unwrap();
+    let engine = PostgresEngine::builder()
+        .url(cluster.url())
+        .max_connections(2)
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    engine.start_connection_pool().await.unwrap();
+    cluster.stop().unwrap();
+    for _ in 0..3 {
+        let err = tokio::time::timeout(Duration::from_secs(10), engine.fetch("SELECT 1"))
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::Connection | ErrorKind::Connect)
+                || err.code() == Some("57P01"),
+            "{err}"
+        );
+    }
+}

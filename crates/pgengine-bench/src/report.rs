@@ -300,7 +300,11 @@ impl Report {
                  COMMIT; every system sends them one after another (each depends on the \
                  transaction being open), so each transaction costs 7 round trips. At c=16 \
                  the UPDATEs of the 10 `pgbench_branches` rows at scale 10 contend on row locks, \
-                 which serializes part of the work and narrows the differences between clients."
+                 which serializes part of the work and narrows the differences between clients. \
+                 The Rust clients (pgengine included) are level with each other; pgbench's lead \
+                 is client CPU: on 2 shared cores each microsecond the client spends is one the \
+                 server does not get, and libpq spends fewer than tokio's wake-ups. Single runs \
+                 on this machine swing by 10–25%, so compare systems within one run."
             }
             Workload::Atomic => {
                 "100 INSERTs in one transaction, one atomic after another. Code that awaits \
@@ -309,7 +313,10 @@ impl Report {
                  hand-pipelined tokio-postgres floor send the inserts back to back without \
                  waiting, so the server works through them while the client keeps writing. On \
                  loopback a round trip costs tens of microseconds, so the difference here is \
-                 mostly wake-ups and per-statement client work."
+                 mostly wake-ups and per-statement client work. What remains is the server's \
+                 own cost per statement (tokio-postgres ends every statement with a Sync, which \
+                 makes the server answer and flush each one): pgengine runs level with the \
+                 hand-pipelined driver, and that floor caps its lead over Piccolo."
             }
             Workload::AtomicProxy => {
                 "The same atomic through an in-process TCP proxy that delivers every chunk at \
@@ -320,8 +327,11 @@ impl Report {
             }
             Workload::Stream | Workload::StreamBig => {
                 "The whole table (int, text, timestamptz, numeric) streamed and decoded, \
-                 1 000 rows at a time where the API has a batch size: pgengine's `batch`, \
-                 tokio-postgres via a portal with a row limit, deadpool via DECLARE/FETCH, \
+                 1 000 rows at a time where the API has a batch size: pgengine's `batch` \
+                 (outside a transaction it reads the statement's portal as rows arrive, with \
+                 socket back-pressure, and cuts batches client-side: no round trip per batch), \
+                 tokio-postgres via a portal with a row limit, deadpool via DECLARE/FETCH \
+                 (one round trip per batch each), \
                  Piccolo via asyncpg's cursor (rows become dicts, numerics `Decimal`s); sqlx's \
                  `fetch` streams one query row by row with socket back-pressure. `COPY … (FORMAT \
                  binary)` is the ceiling: no per-row protocol messages, nothing decoded. Peak RSS \
@@ -330,9 +340,10 @@ impl Report {
             }
             Workload::EmptyTx => {
                 "BEGIN; COMMIT; at c=16. The server assigns no transaction id and writes no WAL, \
-                 so this is pure client and protocol overhead: two round trips per transaction \
-                 (one where BEGIN is pipelined with the next statement), pool checkout and \
-                 connection-state bookkeeping."
+                 so this is pure client and protocol overhead: two round trips per transaction, \
+                 pool checkout and connection-state bookkeeping. pgbench's lead is client CPU, as \
+                 in workload 2; repeated runs put pgengine within a few percent of deadpool and \
+                 tokio-postgres here, single runs swing by 10–25%."
             }
         };
         if figures.is_empty() {

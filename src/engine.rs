@@ -351,6 +351,18 @@ impl Executor for PostgresEngine {
 }
 
 impl EngineShared {
+    /// Runs SQL over the simple protocol on `connection`, guarded and observed.
+    pub(crate) async fn simple(&self, connection: &Connection, sql: &str) -> Result<()> {
+        let request = connection.guarded(async {
+            connection
+                .client()
+                .batch_execute(sql)
+                .await
+                .map_err(Error::from)
+        });
+        self.observe(sql, &[], request, |_| None).await
+    }
+
     /// A connection for `run_sync`, from the pool that pgengine's own runtime drives.
     pub(crate) async fn sync_lease(self: &Arc<Self>) -> Result<Lease> {
         let connection = Connection::get(&self.sync_pool).await?;

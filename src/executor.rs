@@ -249,15 +249,7 @@ impl Lease {
 
     /// Runs SQL over the simple protocol.
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
-        let connection = self.connection();
-        let request = connection.guarded(async {
-            connection
-                .client()
-                .batch_execute(sql)
-                .await
-                .map_err(Error::from)
-        });
-        self.noted(self.engine.observe(sql, &[], request, |_| None).await)
+        self.noted(self.engine.simple(self.connection(), sql).await)
     }
 
     /// One statement with its rows, prepared once per connection (statement cache).

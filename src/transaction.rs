@@ -344,15 +344,7 @@ impl TransactionBuilder {
         let connection = Connection::get(&engine.pool).await?;
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
-        let sql = self.begin_sql();
-        let request = connection.guarded(async {
-            connection
-                .client()
-                .batch_execute(&sql)
-                .await
-                .map_err(Error::from)
-        });
-        engine.observe(&sql, &[], request, |_| None).await?;
+        engine.simple(&connection, &self.begin_sql()).await?;
         Ok(PostgresTransaction {
             shared: Arc::new(TxShared {
                 engine: self.engine.clone(),
@@ -695,18 +687,7 @@ impl TxShared {
             (Finish::Commit, None) => "COMMIT",
             _ => "ROLLBACK",
         };
-        let request = connection.guarded(async {
-            connection
-                .client()
-                .batch_execute(sql)
-                .await
-                .map_err(Error::from)
-        });
-        let result = self
-            .engine
-            .shared
-            .observe(sql, &[], request, |_| None)
-            .await;
+        let result = self.engine.shared.simple(&connection, sql).await;
         // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an error.
         if result.is_ok() || result.as_ref().is_err_and(|e| e.database_error().is_some()) {
             connection.set_in_transaction(false);

@@ -6,6 +6,7 @@ mod common;
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -590,77 +591,86 @@ async fn check_after_cancel(
     assert_eq!(ours, stored, "k={k}: the next transaction saw leftovers");
 }
 
+/// Runs the transaction `body(k, stage)` for k = 0, 1, 2, …, dropping its future at its
+/// k-th await point, until one run completes; after each cancelled run, checks that the
+/// connection is clean and nothing half-done was stored. Returns the stages (as the body
+/// records them in `stage`) at which runs were cancelled.
+///
+/// Statement texts carry `k` literally: each run prepares them afresh, so every run has
+/// the same await points (none skipped by the statement cache).
+async fn cancel_at_every_await_point<F, Fut>(
+    db: &TestDatabase,
+    engine: &PostgresEngine,
+    body: F,
+) -> std::collections::BTreeSet<usize>
+where
+    F: Fn(i32, Arc<AtomicUsize>) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    create_item(engine).await;
+    let observer = db.connect().await.unwrap();
+    let stage = Arc::new(AtomicUsize::new(0));
+    let mut cancelled_at = std::collections::BTreeSet::new();
+    for k in 0..60 {
+        stage.store(0, Ordering::SeqCst);
+        let outcome = cancel_at_pending(body(k, stage.clone()), k as usize).await;
+        let reached = stage.load(Ordering::SeqCst);
+        if let Some(result) = outcome {
+            result.unwrap();
+            assert_eq!(items_of(engine, k).await, 2);
+            return cancelled_at;
+        }
+        cancelled_at.insert(reached);
+        check_after_cancel(db, engine, &observer, k, reached == 5).await;
+    }
+    panic!("the transaction never completed");
+}
+
 /// A guard transaction (begin, insert, select, insert, commit) whose future is dropped
 /// at each await point in turn leaves no session in a transaction, commits nothing
 /// (or, cancelled during COMMIT, everything), and the next transaction works.
 #[tokio::test]
 async fn guard_transaction_cancelled_at_every_await_point() {
-    // Statement texts carry `k` literally: each run prepares them afresh, so every run
-    // has the same await points (none skipped by the statement cache).
     let (db, engine) = common::engine_with(1).await;
-    create_item(&engine).await;
-    let observer = db.connect().await.unwrap();
-    let stage = AtomicUsize::new(0);
-    let mut completed = false;
-    let mut cancelled_at = std::collections::BTreeSet::<usize>::new();
-    for k in 0..60 {
-        stage.store(0, Ordering::SeqCst);
-        let body = async {
-            stage.store(1, Ordering::SeqCst);
-            let tx = engine
-                .transaction()
-                .isolation(IsolationLevel::RepeatableRead)
-                .begin()
-                .await?;
-            stage.store(2, Ordering::SeqCst);
-            tx.execute(format!("INSERT INTO item VALUES ({k}, 'a')"))
-                .await?;
-            stage.store(3, Ordering::SeqCst);
-            let seen: i64 = tx
-                .fetch_one(format!("SELECT count(*) FROM item WHERE k = {k}"))
-                .await?
-                .get(0);
-            assert_eq!(seen, 1);
-            stage.store(4, Ordering::SeqCst);
-            tx.execute(format!("INSERT INTO item VALUES ({k}, 'b')"))
-                .await?;
-            stage.store(5, Ordering::SeqCst);
-            tx.commit().await?;
-            Ok::<_, Error>(())
-        };
-        let outcome = cancel_at_pending(body, k as usize).await;
-        let reached = stage.load(Ordering::SeqCst);
-        if let Some(result) = outcome {
-            result.unwrap();
-            assert_eq!(items_of(&engine, k).await, 2);
-            completed = true;
-            break;
-        }
-        cancelled_at.insert(reached);
-        check_after_cancel(&db, &engine, &observer, k, reached == 5).await;
-    }
-    assert!(completed, "the transaction never completed");
+    let engine = &engine;
+    let cancelled_at = cancel_at_every_await_point(&db, engine, |k, stage| async move {
+        stage.store(1, Ordering::SeqCst);
+        let tx = engine
+            .transaction()
+            .isolation(IsolationLevel::RepeatableRead)
+            .begin()
+            .await?;
+        stage.store(2, Ordering::SeqCst);
+        tx.execute(format!("INSERT INTO item VALUES ({k}, 'a')"))
+            .await?;
+        stage.store(3, Ordering::SeqCst);
+        let seen: i64 = tx
+            .fetch_one(format!("SELECT count(*) FROM item WHERE k = {k}"))
+            .await?
+            .get(0);
+        assert_eq!(seen, 1);
+        stage.store(4, Ordering::SeqCst);
+        tx.execute(format!("INSERT INTO item VALUES ({k}, 'b')"))
+            .await?;
+        stage.store(5, Ordering::SeqCst);
+        tx.commit().await
+    })
+    .await;
     // Cancelled at least once in BEGIN (1), each query (2-4) and COMMIT (5).
     assert_eq!(Vec::from_iter(cancelled_at), [1, 2, 3, 4, 5]);
 }
 
-/// The same for the closure form, with an ambient query: cancelled at each await
-/// point (BEGIN, the body's queries, COMMIT).
+/// The same for the closure form, with ambient queries: cancelled at each await point
+/// (BEGIN, the body's queries, COMMIT).
 #[tokio::test]
 async fn closure_transaction_cancelled_at_every_await_point() {
-    // Statement texts carry `k` literally, as above.
     let (db, engine) = common::engine_with(1).await;
-    create_item(&engine).await;
-    let observer = db.connect().await.unwrap();
-    let stage = AtomicUsize::new(0);
-    let mut completed = false;
-    let mut cancelled_at = std::collections::BTreeSet::<usize>::new();
-    for k in 0..60 {
-        stage.store(0, Ordering::SeqCst);
-        let body = engine
+    let engine = &engine;
+    let cancelled_at = cancel_at_every_await_point(&db, engine, |k, stage| {
+        engine
             .transaction()
             .isolation(IsolationLevel::RepeatableRead)
-            .run(async |tx| {
+            .run(async move |tx| {
                 stage.store(2, Ordering::SeqCst);
                 tx.execute(format!("INSERT INTO item VALUES ({k}, 'a')"))
                     .await?;
@@ -676,19 +686,9 @@ async fn closure_transaction_cancelled_at_every_await_point() {
                     .await?;
                 stage.store(5, Ordering::SeqCst); // COMMIT follows
                 Ok::<_, Error>(())
-            });
-        let outcome = cancel_at_pending(body, k as usize).await;
-        let reached = stage.load(Ordering::SeqCst);
-        if let Some(result) = outcome {
-            result.unwrap();
-            assert_eq!(items_of(&engine, k).await, 2);
-            completed = true;
-            break;
-        }
-        cancelled_at.insert(reached);
-        check_after_cancel(&db, &engine, &observer, k, reached == 5).await;
-    }
-    assert!(completed, "the transaction never completed");
+            })
+    })
+    .await;
     // Cancelled at least once in BEGIN (0), each query (2-4) and COMMIT (5).
     assert_eq!(Vec::from_iter(cancelled_at), [0, 2, 3, 4, 5]);
 }

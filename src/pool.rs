@@ -70,6 +70,12 @@ impl Connection {
         self.unfinished.store(open, Ordering::Release);
     }
 
+    /// Whether a request was abandoned (or a streamed one left open): its outcome is
+    /// unknown.
+    pub(crate) fn has_unfinished_request(&self) -> bool {
+        self.unfinished.load(Ordering::Acquire)
+    }
+
     /// Runs a request on this connection; if the returned future is dropped before the
     /// request finishes, the connection is marked so that the request is cancelled
     /// before the connection is reused.

@@ -681,7 +681,12 @@ impl TxShared {
                 .connection
                 .take()
                 .expect("an active transaction has its connection");
-            (connection, state.aborted_by.clone())
+            let abandoned = connection.has_unfinished_request().then(|| {
+                "a request of the transaction was abandoned (its future dropped) before its \
+                 answer came, so its outcome is unknown"
+                    .to_owned()
+            });
+            (connection, state.aborted_by.clone().or(abandoned))
         };
         let sql = match (finish, &aborted_by) {
             (Finish::Commit, None) => "COMMIT",

@@ -1459,3 +1459,27 @@ async fn pool_exhaustion_inside_transactions_times_out() {
     engine.fetch("SELECT 1").await.unwrap();
     common::assert_sessions_clean(&db).await;
 }
+
+/// A query of a transaction abandoned mid-flight (its future dropped by a timeout) has
+/// an unknown outcome: committing afterwards is refused and rolls back, never a silent
+/// commit of a write the caller gave up on.
+#[tokio::test]
+async fn commit_after_an_abandoned_query_is_refused() {
+    let (db, engine) = common::engine_with(1).await;
+    create_item(&engine).await;
+    let tx = engine.begin().await.unwrap();
+    tx.execute("INSERT INTO item VALUES (1, 'kept?')")
+        .await
+        .unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        tx.execute("INSERT INTO item SELECT 2, 'slow' FROM pg_sleep(0.3)"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the insert was still running");
+    let err = tx.commit().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
+    assert!(err.to_string().contains("abandoned"), "{err}");
+    assert_eq!(items_of(&engine, 1).await + items_of(&engine, 2).await, 0);
+    common::assert_sessions_clean(&db).await;
+}

@@ -369,10 +369,28 @@ impl EngineShared {
         Ok(Lease::pooled(self.clone(), connection))
     }
 
-    /// Runs one request and reports it to `tracing` as configured: the query event
-    /// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).
-    ///
-    /// The request is polled as soon as this future is, so pipelined order is kept.
+    /// Starts watching one request for the query log, or `None` when nothing is
+    /// logged (the common case costs one check).
+    pub(crate) fn watch<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> Option<Watch<'a>> {
+        let settings = &self.settings;
+        let watched = settings.log_queries
+            || settings.log_responses
+            || settings.slow_query_threshold.is_some();
+        watched.then(|| Watch {
+            settings,
+            sql,
+            params,
+            query_id: self.query_ids.fetch_add(1, Ordering::Relaxed),
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs one request and reports it as [`watch`](Self::watch) says. The request is
+    /// polled as soon as this future is, so pipelined order is kept.
     pub(crate) async fn observe<T>(
         &self,
         sql: &str,
@@ -380,16 +398,35 @@ impl EngineShared {
         request: impl Future<Output = Result<T>>,
         row_count: impl Fn(&T) -> Option<usize>,
     ) -> Result<T> {
-        let settings = &self.settings;
-        let watched = settings.log_queries
-            || settings.log_responses
-            || settings.slow_query_threshold.is_some();
-        if !watched {
-            return request.await;
-        }
-        let query_id = self.query_ids.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
+        let watch = self.watch(sql, params);
         let result = request.await;
+        if let Some(watch) = watch {
+            watch.report(&result, row_count);
+        }
+        result
+    }
+}
+
+/// One request watched for the query log (target `pgengine::query`): the query event
+/// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).
+pub(crate) struct Watch<'a> {
+    settings: &'a EngineSettings,
+    sql: &'a str,
+    params: &'a [&'a (dyn ToSql + Sync)],
+    query_id: u64,
+    started: Instant,
+}
+
+impl Watch<'_> {
+    /// Reports the finished request.
+    pub(crate) fn report<T>(self, result: &Result<T>, row_count: impl Fn(&T) -> Option<usize>) {
+        let Self {
+            settings,
+            sql,
+            params,
+            query_id,
+            started,
+        } = self;
         let elapsed = started.elapsed();
         let duration_us = elapsed.as_micros() as u64;
         let error = result.as_ref().err().map(ToString::to_string);
@@ -401,7 +438,7 @@ impl EngineShared {
             }
         }
         if settings.log_responses {
-            let rows = result.as_ref().ok().and_then(&row_count);
+            let rows = result.as_ref().ok().and_then(row_count);
             tracing::debug!(target: "pgengine::query", query_id, rows, duration_us, "response");
         }
         if let Some(threshold) = settings.slow_query_threshold {
@@ -409,6 +446,5 @@ impl EngineShared {
                 tracing::warn!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, threshold_us = threshold.as_micros() as u64, "slow query");
             }
         }
-        result
     }
 }

@@ -258,17 +258,10 @@ impl Lease {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
-        let connection = self.connection();
-        let request = connection.guarded(async {
-            match self.run_prepared(sql, params, true).await? {
-                Outcome::Rows(rows) => Ok(rows),
-                Outcome::Count(_) => unreachable!("rows were asked for"),
-            }
-        });
         let result = self
-            .engine
-            .observe(sql, params, request, |rows| Some(rows.len()))
-            .await;
+            .prepared(sql, params, true)
+            .await
+            .map(Outcome::into_rows);
         self.noted(result)
     }
 
@@ -278,16 +271,26 @@ impl Lease {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
-        let connection = self.connection();
-        let request = connection.guarded(async {
-            let outcome = self.run_prepared(sql, params, false).await?;
-            Ok(outcome.count())
-        });
-        let result = self
-            .engine
-            .observe(sql, params, request, |&n| Some(n as usize))
-            .await;
+        let result = self.prepared(sql, params, false).await.map(|o| o.count());
         self.noted(result)
+    }
+
+    /// [`run_prepared`](Self::run_prepared), guarded and watched. (The hot path: no
+    /// request future is moved through wrappers, which would copy it whole each time.)
+    async fn prepared(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        want_rows: bool,
+    ) -> Result<Outcome> {
+        let watch = self.engine.watch(sql, params);
+        let request = self.connection().request();
+        let result = self.run_prepared(sql, params, want_rows).await;
+        request.finish();
+        if let Some(watch) = watch {
+            watch.report(&result, |outcome| Some(outcome.count() as usize));
+        }
+        result
     }
 
     /// Runs `sql` as a statement prepared once per connection (statement cache),

@@ -36,6 +36,14 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// The rows of a statement run for its rows.
+    pub(crate) fn into_rows(self) -> Vec<Row> {
+        match self {
+            Outcome::Rows(rows) => rows,
+            Outcome::Count(_) => unreachable!("rows were asked for"),
+        }
+    }
+
     pub(crate) fn count(&self) -> u64 {
         match self {
             Outcome::Count(n) => *n,

@@ -10,7 +10,12 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    Timeouts,
+};
 use tokio_postgres::NoTls;
 
 use crate::config::EngineSettings;
@@ -44,7 +49,16 @@ pub(crate) struct Connection {
 impl Connection {
     /// Takes a connection from the pool, waiting at most the pool's wait timeout.
     pub(crate) async fn get(pool: &Pool) -> Result<Self> {
-        let object = pool.get().await?;
+        // A free connection is taken without arming the wait timer; only a real wait
+        // (all connections busy) is timed.
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            ..pool.timeouts()
+        };
+        let object = match pool.timeout_get(&at_once).await {
+            Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await?,
+            taken => taken?,
+        };
         Ok(Self {
             object: Some(object),
             in_transaction: AtomicBool::new(false),
@@ -76,33 +90,40 @@ impl Connection {
         self.unfinished.load(Ordering::Acquire)
     }
 
-    /// Runs a request on this connection; if the returned future is dropped before the
-    /// request finishes, the connection is marked so that the request is cancelled
-    /// before the connection is reused.
-    pub(crate) async fn guarded<F: Future>(&self, request: F) -> F::Output {
-        let guard = AbandonGuard {
+    /// Marks a request as started on this connection: if the returned guard is dropped
+    /// before [`finish`](RequestGuard::finish) (the request's future was dropped), the
+    /// request is cancelled before the connection is reused.
+    pub(crate) fn request(&self) -> RequestGuard<'_> {
+        RequestGuard {
             unfinished: &self.unfinished,
             finished: false,
-        };
+        }
+    }
+
+    /// Runs `request` under a [`RequestGuard`].
+    pub(crate) async fn guarded<F: Future>(&self, request: F) -> F::Output {
+        let guard = self.request();
         let output = request.await;
         guard.finish();
         output
     }
 }
 
-/// Marks the connection as having an unfinished request unless the request it guards finished.
-struct AbandonGuard<'a> {
+/// Marks the connection as having an unfinished request unless the request it guards
+/// finished.
+pub(crate) struct RequestGuard<'a> {
     unfinished: &'a AtomicBool,
     finished: bool,
 }
 
-impl AbandonGuard<'_> {
-    fn finish(mut self) {
+impl RequestGuard<'_> {
+    /// The request got its answer.
+    pub(crate) fn finish(mut self) {
         self.finished = true;
     }
 }
 
-impl Drop for AbandonGuard<'_> {
+impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.unfinished.store(true, Ordering::Release);

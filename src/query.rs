@@ -5,7 +5,7 @@
 //! own arguments renumbered. Compiling gives SQL with `$1..$n` and the parameter list.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use tokio_postgres::types::ToSql;
 
@@ -150,14 +150,15 @@ impl QueryString {
     /// assert!(err.to_string().contains("2 placeholders but 1 argument"));
     /// ```
     pub fn compile(&self) -> Result<CompiledQuery<'_>> {
-        if self.raw && self.args.is_empty() {
+        let braces = || memchr::memchr2(b'{', b'}', self.template.as_bytes()).is_some();
+        if self.args.is_empty() && (self.raw || !braces()) {
             return Ok(CompiledQuery {
                 sql: Cow::Borrowed(&self.template),
                 params: Vec::new(),
             });
         }
         let mut sql = String::with_capacity(self.template.len() + 8);
-        let mut params = Vec::new();
+        let mut params = Vec::with_capacity(self.args.len());
         self.compile_into(&mut sql, &mut params)?;
         Ok(CompiledQuery {
             sql: Cow::Owned(sql),
@@ -180,43 +181,38 @@ impl QueryString {
             sql.push_str(&self.template);
             return Ok(());
         }
-        let placeholders = count_placeholders(&self.template)?;
-        if placeholders != self.args.len() {
-            return Err(Error::invalid_input(format!(
-                "query template has {placeholders} placeholder{} but {} argument{}: {}",
-                plural(placeholders),
-                self.args.len(),
-                plural(self.args.len()),
-                self.template
-            )));
-        }
         let mut args = self.args.iter();
-        let mut chars = self.template.char_indices().peekable();
-        let mut start = 0;
-        while let Some((i, c)) = chars.next() {
-            match (c, chars.peek().map(|&(_, next)| next)) {
-                ('{', Some('{')) | ('}', Some('}')) => {
-                    sql.push_str(&self.template[start..=i]);
-                    chars.next();
-                    start = i + 2;
-                }
-                ('{', Some('}')) => {
-                    sql.push_str(&self.template[start..i]);
-                    chars.next();
-                    start = i + 2;
-                    match args.next().expect("placeholders were counted") {
-                        Arg::Value(value) => {
-                            params.push(value.as_ref() as &(dyn ToSql + Sync));
-                            write!(sql, "${}", params.len()).expect("writing to a String");
-                        }
-                        Arg::Query(nested) => nested.compile_into(sql, params)?,
+        for piece in Pieces::of(&self.template) {
+            match piece? {
+                Piece::Text(text) => sql.push_str(text),
+                Piece::Placeholder => match args.next() {
+                    Some(Arg::Value(value)) => {
+                        params.push(value.as_ref() as &(dyn ToSql + Sync));
+                        push_placeholder(sql, params.len());
                     }
-                }
-                _ => {}
+                    Some(Arg::Query(nested)) => nested.compile_into(sql, params)?,
+                    None => return Err(self.count_mismatch()),
+                },
             }
         }
-        sql.push_str(&self.template[start..]);
-        Ok(())
+        match args.next() {
+            Some(_) => Err(self.count_mismatch()),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for a template whose placeholders and arguments differ in number.
+    fn count_mismatch(&self) -> Error {
+        let placeholders = Pieces::of(&self.template)
+            .filter(|piece| matches!(piece, Ok(Piece::Placeholder)))
+            .count();
+        Error::invalid_input(format!(
+            "query template has {placeholders} placeholder{} but {} argument{}: {}",
+            plural(placeholders),
+            self.args.len(),
+            plural(self.args.len()),
+            self.template
+        ))
     }
 }
 
@@ -224,28 +220,59 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// Counts `{}` placeholders; a lone `{` or `}` is an error (write `{{` or `}}`).
-fn count_placeholders(template: &str) -> Result<usize> {
-    let mut count = 0;
-    let mut chars = template.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            ('{', Some('{')) | ('}', Some('}')) => {
-                chars.next();
-            }
-            ('{', Some('}')) => {
-                chars.next();
-                count += 1;
-            }
-            ('{', _) | ('}', _) => {
-                return Err(Error::invalid_input(format!(
-                    "unmatched '{c}' in query template (write '{c}{c}' for a literal brace): {template}"
-                )));
-            }
-            _ => {}
-        }
+/// Appends `$n` (with `itoa`: this runs for every parameter).
+fn push_placeholder(sql: &mut String, n: usize) {
+    sql.push('$');
+    sql.push_str(itoa::Buffer::new().format(n));
+}
+
+/// A template cut into literal text and placeholders; `{{` and `}}` come out as the text
+/// `{` and `}`, a lone brace as an error. Braces are ASCII, so the byte offsets found by
+/// scanning bytes are always character boundaries.
+struct Pieces<'a> {
+    template: &'a str,
+    at: usize,
+}
+
+enum Piece<'a> {
+    Text(&'a str),
+    Placeholder,
+}
+
+impl<'a> Pieces<'a> {
+    fn of(template: &'a str) -> Self {
+        Self { template, at: 0 }
     }
-    Ok(count)
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = Result<Piece<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = &self.template[self.at..];
+        if rest.is_empty() {
+            return None;
+        }
+        let bytes = rest.as_bytes();
+        let (piece, consumed) = match memchr::memchr2(b'{', b'}', bytes) {
+            None => (Piece::Text(rest), rest.len()),
+            Some(0) => match (bytes[0], bytes.get(1)) {
+                (b'{', Some(b'}')) => (Piece::Placeholder, 2),
+                (brace, Some(&next)) if next == brace => (Piece::Text(&rest[..1]), 2),
+                (brace, _) => {
+                    self.at = self.template.len();
+                    let c = brace as char;
+                    return Some(Err(Error::invalid_input(format!(
+                        "unmatched '{c}' in query template (write '{c}{c}' for a literal brace): {}",
+                        self.template
+                    ))));
+                }
+            },
+            Some(text) => (Piece::Text(&rest[..text]), text),
+        };
+        self.at += consumed;
+        Some(Ok(piece))
+    }
 }
 
 impl fmt::Debug for QueryString {

@@ -2,6 +2,7 @@
 //! one server, interleaved. See `--help` and BENCHMARKS.md at the repository root.
 
 mod chart;
+mod client_cost;
 mod data;
 mod measure;
 mod proxy;
@@ -62,6 +63,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs point selects one at a time, to count the client's instructions per query
+    /// under `valgrind --tool=callgrind` (see src/client_cost.rs).
+    ClientCost {
+        #[arg(long, value_enum)]
+        system: System,
+        /// A server with pgbench's tables.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        queries: u32,
+    },
     /// Streams one table in this process and prints a JSON report (internal).
     #[command(hide = true)]
     StreamChild {
@@ -79,18 +91,24 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::StreamChild {
-        system,
-        url,
-        table,
-        rows,
-    }) = &cli.command
-    {
-        let report = systems::stream::run_child(*system, url, table, *rows).await?;
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+    match &cli.command {
+        Some(Command::StreamChild {
+            system,
+            url,
+            table,
+            rows,
+        }) => {
+            let report = systems::stream::run_child(*system, url, table, *rows).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Some(Command::ClientCost {
+            system,
+            url,
+            queries,
+        }) => client_cost::run(*system, url, *queries).await,
+        None => run(cli).await,
     }
-    run(cli).await
 }
 
 /// The benchmark proper.

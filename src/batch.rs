@@ -10,9 +10,8 @@ use tokio_postgres::{Row, RowStream};
 
 use crate::engine::PostgresEngine;
 use crate::error::{Error, Result};
-use crate::executor::{Executor, Lease, compile_all, is_stale_statement};
+use crate::executor::{Executor, Lease, compile_all};
 use crate::query::{CompiledQuery, Query};
-use crate::transaction::PostgresTransaction;
 
 /// The largest `batch_size`: far more rows than fit in memory at once, and safe to add
 /// the one row read ahead to.
@@ -88,7 +87,7 @@ impl AsyncBatch {
         let lease = engine.lease().await?;
         let rows = match lease.transaction() {
             Some(tx) => {
-                let name = PostgresTransaction::joined(tx.clone()).next_cursor_name();
+                let name = tx.next_cursor_name();
                 declare_cursor(&lease, &name, &compiled[0]).await?;
                 Rows::Cursor { name }
             }
@@ -174,18 +173,14 @@ async fn start_stream(lease: &Lease, statement: &CompiledQuery<'_>) -> Result<Ro
     let connection = lease.connection();
     let client = connection.client();
     let start = async {
-        let mut may_retry = true;
+        let mut retried = false;
         loop {
             let prepared = client.prepare_cached(statement.sql()).await?;
             match client
                 .query_raw(&prepared, statement.params().iter().copied())
                 .await
             {
-                // The table changed shape since the statement was cached: prepare afresh.
-                Err(error) if is_stale_statement(&error) && may_retry => {
-                    client.statement_cache.remove(statement.sql(), &[]);
-                    may_retry = false;
-                }
+                Err(error) if lease.retry_stale(statement.sql(), &error, &mut retried) => {}
                 started => return started,
             }
         }

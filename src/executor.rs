@@ -307,7 +307,7 @@ impl Lease {
         want_rows: bool,
     ) -> Result<Outcome> {
         let client = self.connection().client();
-        let mut may_retry = self.transaction.is_none();
+        let mut retried = false;
         loop {
             let prepared = client.prepare_cached(sql).await?;
             let answer = if want_rows {
@@ -316,15 +316,34 @@ impl Lease {
                 client.execute(&prepared, params).await.map(Outcome::Count)
             };
             match answer {
-                Err(error) if is_stale_statement(&error) => {
-                    client.statement_cache.remove(sql, &[]);
-                    if !std::mem::replace(&mut may_retry, false) {
-                        return Err(error.into());
-                    }
-                }
+                Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
                 answer => return answer.map_err(Error::from),
             }
         }
+    }
+
+    /// After a prepared statement failed: whether to prepare `sql` afresh and run it
+    /// once more, because the cached statement outlived its table's shape (SQLSTATE
+    /// 0A000, "cached plan must not change result type"). Such a statement is dropped
+    /// from the cache either way; it is run again only once, and never inside a
+    /// transaction (which the error aborted).
+    pub(crate) fn retry_stale(
+        &self,
+        sql: &str,
+        error: &tokio_postgres::Error,
+        retried: &mut bool,
+    ) -> bool {
+        let stale = error.as_db_error().is_some_and(|db| {
+            db.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+                && db.message().contains("cached plan")
+        });
+        if !stale {
+            return false;
+        }
+        self.connection().client().statement_cache.remove(sql, &[]);
+        let again = !*retried && self.transaction.is_none();
+        *retried = true;
+        again
     }
 
     /// A `FETCH` from a cursor: not prepared (one round trip, nothing cached).
@@ -343,12 +362,4 @@ impl Lease {
             .await;
         self.noted(result)
     }
-}
-
-/// "cached plan must not change result type": a prepared statement outlived its table's shape.
-pub(crate) fn is_stale_statement(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_some_and(|db| {
-        db.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
-            && db.message().contains("cached plan")
-    })
 }

@@ -30,11 +30,6 @@ impl Savepoint {
         Self { transaction, name }
     }
 
-    /// The transaction the savepoint belongs to.
-    pub(crate) fn transaction(&self) -> &PostgresTransaction {
-        &self.transaction
-    }
-
     /// The savepoint's name, e.g. `savepoint_1`.
     ///
     /// ```no_run

@@ -327,9 +327,11 @@ impl TransactionBuilder {
                  forbids nesting (allow_nested(false) / Nested::Forbid)",
             )),
             Nested::Savepoint => {
-                let savepoint = PostgresTransaction::joined(outer).savepoint(None).await?;
+                let savepoint = PostgresTransaction::joined(outer.clone())
+                    .savepoint(None)
+                    .await?;
                 Ok(PostgresTransaction {
-                    shared: savepoint.transaction().shared.clone(),
+                    shared: outer,
                     scope: Scope::Savepoint {
                         name: savepoint.name().to_owned(),
                         finished: AtomicBool::new(false),
@@ -527,12 +529,6 @@ impl PostgresTransaction {
             .await
     }
 
-    /// A fresh cursor name, unique within this transaction.
-    pub(crate) fn next_cursor_name(&self) -> String {
-        let id = self.shared.cursor_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        format!("pgengine_cursor_{id}")
-    }
-
     async fn finish(&self, finish: Finish) -> Result<()> {
         match &self.scope {
             Scope::Outermost | Scope::Joined => self.shared.finish(finish).await,
@@ -655,6 +651,12 @@ impl TxShared {
             )),
             (_, phase) => Err(finished_error(phase)),
         }
+    }
+
+    /// A fresh cursor name, unique within this transaction.
+    pub(crate) fn next_cursor_name(&self) -> String {
+        let id = self.cursor_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("pgengine_cursor_{id}")
     }
 
     /// Records a failure met inside the transaction: PostgreSQL has aborted it.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 
 use crate::atomic::Atomic;
@@ -13,7 +12,7 @@ use crate::batch::AsyncBatch;
 use crate::config::{EngineBuilder, EngineSettings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::executor::{Executor, Lease};
-use crate::pool::{Connection, create_pool};
+use crate::pool::{Connection, ConnectionPool};
 use crate::query::Query;
 use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
 use crate::version::ServerVersion;
@@ -39,10 +38,10 @@ pub struct PostgresEngine {
 /// What every clone of an engine shares.
 pub(crate) struct EngineShared {
     pub id: u64,
-    pub pool: Pool,
+    pub pool: ConnectionPool,
     /// Connections for `run_sync`, opened and driven on pgengine's own runtime, so that
     /// a blocked caller's runtime never stalls them. Empty until first used.
-    pub sync_pool: Pool,
+    pub sync_pool: ConnectionPool,
     pub settings: EngineSettings,
     query_ids: AtomicU64,
 }
@@ -95,8 +94,8 @@ impl PostgresEngine {
 
     /// Creates the pool, checks the server version and prepares the database.
     pub(crate) async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
-        let pool = create_pool(pg.clone(), &settings)?;
-        let sync_pool = create_pool(pg, &settings)?;
+        let pool = ConnectionPool::new(pg.clone(), &settings)?;
+        let sync_pool = ConnectionPool::new(pg, &settings)?;
         let engine = Self {
             shared: Arc::new(EngineShared {
                 id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
@@ -132,7 +131,7 @@ impl PostgresEngine {
         // Holding all of them at once makes the pool open every missing one.
         let pool = &self.shared.pool;
         let all = pool.status().max_size;
-        let held = futures::future::try_join_all((0..all).map(|_| Connection::get(pool))).await?;
+        let held = futures::future::try_join_all((0..all).map(|_| pool.get())).await?;
         drop(held);
         Ok(())
     }
@@ -345,7 +344,7 @@ impl Executor for PostgresEngine {
         if let Some(tx) = ambient::current(self.shared.id) {
             return tx.lease();
         }
-        let connection = Connection::get(&self.shared.pool).await?;
+        let connection = self.shared.pool.get().await?;
         Ok(Lease::pooled(self.shared.clone(), connection))
     }
 }
@@ -365,7 +364,7 @@ impl EngineShared {
 
     /// A connection for `run_sync`, from the pool that pgengine's own runtime drives.
     pub(crate) async fn sync_lease(self: &Arc<Self>) -> Result<Lease> {
-        let connection = Connection::get(&self.sync_pool).await?;
+        let connection = self.sync_pool.get().await?;
         Ok(Lease::pooled(self.clone(), connection))
     }
 

@@ -29,6 +29,7 @@
 mod atomic;
 mod batch;
 mod blocking;
+mod cancel;
 pub mod config;
 mod engine;
 mod error;

@@ -8,47 +8,50 @@
 //! done, so the next user never sees a dirty session.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, TimeoutType,
     Timeouts,
 };
 use tokio_postgres::NoTls;
 
+use crate::cancel::Canceller;
 use crate::config::EngineSettings;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Creates the pool; no connection is opened yet.
-pub(crate) fn create_pool(pg: tokio_postgres::Config, settings: &EngineSettings) -> Result<Pool> {
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(settings.max_connections)
-        .wait_timeout(settings.pool_wait_timeout)
-        .create_timeout(Some(settings.connect_timeout))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|e| Error::new(ErrorKind::Config, format!("cannot build the pool: {e}")))
+/// The pool of one engine, and how to cancel a request on its connections.
+pub(crate) struct ConnectionPool {
+    pool: Pool,
+    canceller: Arc<Canceller>,
 }
 
-/// A connection taken from the pool, returned clean when dropped.
-pub(crate) struct Connection {
-    object: Option<Object>,
-    in_transaction: AtomicBool,
-    unfinished: AtomicBool,
-}
+impl ConnectionPool {
+    /// Creates the pool; no connection is opened yet.
+    pub(crate) fn new(pg: tokio_postgres::Config, settings: &EngineSettings) -> Result<Self> {
+        let canceller = Arc::new(Canceller::new(&pg, settings.connect_timeout));
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.max_connections)
+            .wait_timeout(settings.pool_wait_timeout)
+            .create_timeout(Some(settings.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Config, format!("cannot build the pool: {e}")))?;
+        Ok(Self { pool, canceller })
+    }
 
-impl Connection {
-    /// Takes a connection from the pool, waiting at most the pool's wait timeout.
-    pub(crate) async fn get(pool: &Pool) -> Result<Self> {
+    /// Takes a connection, waiting at most the pool's wait timeout.
+    pub(crate) async fn get(&self) -> Result<Connection> {
+        let pool = &self.pool;
         // A free connection is taken without arming the wait timer; only a real wait
         // (all connections busy) is timed.
         let at_once = Timeouts {
@@ -59,13 +62,35 @@ impl Connection {
             Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await?,
             taken => taken?,
         };
-        Ok(Self {
+        Ok(Connection {
             object: Some(object),
+            canceller: self.canceller.clone(),
             in_transaction: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
         })
     }
 
+    /// Connections open, idle, waited for.
+    pub(crate) fn status(&self) -> Status {
+        self.pool.status()
+    }
+
+    /// Refuses new connections and closes the idle ones; those in use close as they
+    /// come back.
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// A connection taken from the pool, returned clean when dropped.
+pub(crate) struct Connection {
+    object: Option<Object>,
+    canceller: Arc<Canceller>,
+    in_transaction: AtomicBool,
+    unfinished: AtomicBool,
+}
+
+impl Connection {
     /// The driver's client with its statement cache.
     pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
         self.object
@@ -147,7 +172,7 @@ impl Drop for Connection {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(restore(object, unfinished));
+                runtime.spawn(restore(object, unfinished, self.canceller.clone()));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
             Err(_) => drop(Object::take(object)),
@@ -159,16 +184,13 @@ impl Drop for Connection {
 /// then rolls back whatever transaction is open; a connection where that fails is
 /// discarded (closing it makes the server roll back).
 ///
-/// `cancel_query` returns once the server has signalled the session, so the cancel
-/// cannot reach a later request: the `ROLLBACK` behind it, at worst, which then fails
-/// and the connection is discarded.
-async fn restore(object: Object, unfinished: bool) {
-    if unfinished {
-        if let Err(e) = object.cancel_token().cancel_query(NoTls).await {
-            tracing::warn!(target: "pgengine::pool", error = %e, "discarding a connection whose request could not be cancelled");
-            drop(Object::take(object));
-            return;
-        }
+/// The `ROLLBACK` is sent only once the server has signalled the session (see
+/// [`Canceller`]), so the cancel cannot reach it or any later request.
+async fn restore(object: Object, unfinished: bool, canceller: Arc<Canceller>) {
+    if unfinished && !canceller.cancel(&object.cancel_token()).await {
+        tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
+        drop(Object::take(object));
+        return;
     }
     match object.batch_execute("ROLLBACK").await {
         Ok(()) => drop(object),

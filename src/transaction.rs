@@ -343,7 +343,7 @@ impl TransactionBuilder {
 
     async fn begin_outermost(&self) -> Result<PostgresTransaction> {
         let engine = &self.engine.shared;
-        let connection = Connection::get(&engine.pool).await?;
+        let connection = engine.pool.get().await?;
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
         engine.simple(&connection, &self.begin_sql()).await?;

@@ -561,6 +561,60 @@ async fn abandoned_query_is_cancelled_and_the_connection_reused() {
     common::assert_sessions_clean(&db).await;
 }
 
+/// The cancel of an abandoned query never lands on a later one: the connection is
+/// reused only once the server has acted on the cancel. Abandoned at every moment
+/// around its natural end (before it is sent, while it runs, as it finishes), the
+/// next query on the same connection, long enough for a late cancel to hit it, runs
+/// undisturbed each time, and it is the same session all along.
+async fn abandon_around_the_end_and_reuse(engine: &PostgresEngine, rounds: u64) {
+    let pid = "SELECT pg_backend_pid() FROM pg_sleep(0.01)";
+    let first: i32 = engine.fetch_one(pid).await.unwrap().get(0);
+    for round in 0..rounds {
+        let patience = Duration::from_micros(round % 50 * 100);
+        let _ = tokio::time::timeout(patience, engine.execute("SELECT pg_sleep(0.002)")).await;
+        let next = engine.fetch_one(pid).await;
+        let next: i32 = next
+            .unwrap_or_else(|e| panic!("round {round} ({patience:?}): {e}"))
+            .get(0);
+        assert_eq!(next, first, "round {round}: the connection was replaced");
+    }
+}
+
+/// See [`abandon_around_the_end_and_reuse`]; over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_never_hits_the_next_query() {
+    let (db, engine) = common::engine_with(1).await;
+    abandon_around_the_end_and_reuse(&engine, 150).await;
+    common::assert_sessions_clean(&db).await;
+}
+
+/// See [`abandon_around_the_end_and_reuse`]; over the server's unix socket (the
+/// harness's own cluster only: a `DATABASE_URL` server's socket is not known).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_never_hits_the_next_query_over_a_unix_socket() {
+    let server = pgengine_testing::server().unwrap();
+    let Some(cluster) = server.cluster() else {
+        eprintln!("DATABASE_URL is set: no unix socket known, nothing to check");
+        return;
+    };
+    let db = TestDatabase::new().await.unwrap();
+    let url = format!(
+        "host={} port={} user=postgres dbname={}",
+        cluster.socket_dir().display(),
+        cluster.port(),
+        db.name(),
+    );
+    let engine = PostgresEngine::builder()
+        .url(&url)
+        .application_name(&common::application_name(&db))
+        .max_connections(1)
+        .build()
+        .await
+        .unwrap();
+    abandon_around_the_end_and_reuse(&engine, 50).await;
+    common::assert_sessions_clean(&db).await;
+}
+
 /// `log_responses` reports each answer's row count at DEBUG.
 #[tokio::test]
 async fn log_responses_reports_row_counts() {

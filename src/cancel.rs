@@ -1,0 +1,215 @@
+//! Cancelling the request running on a connection, and knowing when the server has
+//! acted on it.
+//!
+//! `tokio-postgres`'s `cancel_query` returns once the cancel request is written; the
+//! server signals the session later. A cancel that lands late hits whatever the
+//! session runs next, which may be the next user's query. The protocol says the server
+//! closes the cancel connection once it has processed the request, so [`Canceller`]
+//! has tokio-postgres send it over a socket that, on shutdown, waits for that close.
+//! From then on the session has the signal: it cancels the abandoned request, or is
+//! dropped by the server if it came when the session was idle.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+#[cfg(unix)]
+use tokio::net::UnixStream;
+use tokio_postgres::config::Host;
+use tokio_postgres::{CancelToken, NoTls};
+
+/// Sends cancel requests to the server of one engine.
+#[derive(Debug)]
+pub(crate) struct Canceller {
+    /// Where the server takes cancel requests; `None` when the configuration names
+    /// several hosts, and which one a session is on is unknown.
+    route: Option<Route>,
+    /// The most a cancel may take, connecting included.
+    timeout: Duration,
+}
+
+/// One server address.
+#[derive(Debug, Clone, PartialEq)]
+enum Route {
+    Address(SocketAddr),
+    Name(String, u16),
+    #[cfg(unix)]
+    Socket(PathBuf),
+}
+
+impl Canceller {
+    /// A canceller for the server(s) `pg` connects to.
+    pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration) -> Self {
+        Self {
+            route: single_route(pg),
+            timeout,
+        }
+    }
+
+    /// Cancels the request running under `token` and returns `true` once the server
+    /// has signalled the session; `false` when that cannot be known (the request is
+    /// still cancelled if possible), and the session must not be reused.
+    pub(crate) async fn cancel(&self, token: &CancelToken) -> bool {
+        let Some(route) = &self.route else {
+            let _ = tokio::time::timeout(self.timeout, token.cancel_query(NoTls)).await;
+            return false;
+        };
+        let sent = async {
+            match route {
+                Route::Address(address) => send(token, TcpStream::connect(address).await?).await,
+                Route::Name(host, port) => {
+                    send(token, TcpStream::connect((host.as_str(), *port)).await?).await
+                }
+                #[cfg(unix)]
+                Route::Socket(path) => send(token, UnixStream::connect(path).await?).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "pgengine::pool", error = %e, "a cancel request failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(target: "pgengine::pool", timeout = ?self.timeout, "a cancel request timed out");
+                false
+            }
+        }
+    }
+}
+
+/// Sends the cancel request over `stream` and waits until the server closes it.
+async fn send<S>(token: &CancelToken, stream: S) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    token
+        .cancel_query_raw(ClosedByServer::new(stream), NoTls)
+        .await
+        .map_err(io::Error::other)
+}
+
+/// The one address of a single-host configuration: `hostaddr` over `host`, a unix
+/// socket directory as `<dir>/.s.PGSQL.<port>`.
+fn single_route(pg: &tokio_postgres::Config) -> Option<Route> {
+    let port = match pg.get_ports() {
+        [] => 5432,
+        [port] => *port,
+        _ => return None,
+    };
+    let address = |ip: &IpAddr| Route::Address(SocketAddr::new(*ip, port));
+    match (pg.get_hosts(), pg.get_hostaddrs()) {
+        ([] | [_], [ip]) => Some(address(ip)),
+        ([Host::Tcp(name)], []) => Some(Route::Name(name.clone(), port)),
+        #[cfg(unix)]
+        ([Host::Unix(dir)], []) => Some(Route::Socket(dir.join(format!(".s.PGSQL.{port}")))),
+        _ => None,
+    }
+}
+
+/// A stream whose shutdown, after closing its write half, reads until the peer closes
+/// too.
+struct ClosedByServer<S> {
+    inner: S,
+    write_closed: bool,
+}
+
+impl<S> ClosedByServer<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            write_closed: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClosedByServer<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClosedByServer<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            self.write_closed = true;
+        }
+        let mut scratch = [0u8; 64];
+        loop {
+            let mut unread = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut unread))?;
+            if unread.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(conninfo: &str) -> Option<Route> {
+        single_route(&conninfo.parse().unwrap())
+    }
+
+    #[test]
+    fn a_single_host_has_one_route() {
+        assert_eq!(
+            route("postgres://u@db.example:6543/app"),
+            Some(Route::Name("db.example".into(), 6543))
+        );
+        assert_eq!(
+            route("host=db hostaddr=10.0.0.7 user=u"),
+            Some(Route::Address("10.0.0.7:5432".parse().unwrap()))
+        );
+        assert_eq!(
+            route("host=/run/postgresql port=5433 user=u"),
+            Some(Route::Socket("/run/postgresql/.s.PGSQL.5433".into()))
+        );
+    }
+
+    #[test]
+    fn several_hosts_have_no_single_route() {
+        assert_eq!(route("postgres://u@a:1,b:2/app"), None);
+        assert_eq!(route("host=a,b user=u"), None);
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_peer_to_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut client = ClosedByServer::new(client);
+        client.write_all(b"cancel").await.unwrap();
+        let shutdown = tokio::spawn(async move { client.shutdown().await });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, b"cancel");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!shutdown.is_finished(), "returned before the peer closed");
+        drop(server);
+        shutdown.await.unwrap().unwrap();
+    }
+}

@@ -464,7 +464,7 @@ fn host_and_port(url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_do_not_grow_with_the_statement_count() {
-    const DELAY: Duration = Duration::from_millis(20);
+    const DELAY: Duration = Duration::from_millis(50);
     const STATEMENTS: i32 = 100;
     let db = pgengine_testing::TestDatabase::new().await.unwrap();
     let proxy = SlowProxy::start(host_and_port(db.url()), DELAY).await;
@@ -482,7 +482,7 @@ async fn round_trips_do_not_grow_with_the_statement_count() {
         atomic.add_all((0..STATEMENTS).map(|i| sql!("INSERT INTO t VALUES ({})", offset + i)));
         atomic
     };
-    // A sequential client would need a round trip per statement: 100 × 20 ms = 2 s.
+    // A sequential client would need a round trip per statement: 100 × 50 ms = 5 s.
     let limit = DELAY * 10;
 
     // First run: the statement is prepared too.

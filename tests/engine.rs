@@ -202,7 +202,7 @@ async fn exhausted_pool_times_out_instead_of_hanging() {
         .unwrap();
     let holder = engine.begin().await.unwrap();
     let started = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(5), async {
+    let err = tokio::time::timeout(Duration::from_secs(15), async {
         tokio::spawn({
             let engine = engine.clone();
             async move { engine.fetch("SELECT 1").await }
@@ -255,7 +255,7 @@ async fn silent_server_is_a_connect_error_within_the_timeout() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
@@ -437,13 +437,13 @@ async fn log_queries_emits_one_event_per_query() {
 async fn slow_queries_are_warned_about() {
     let db = TestDatabase::new().await.unwrap();
     let engine = common::builder(&db)
-        .slow_query_threshold(Duration::from_millis(50))
+        .slow_query_threshold(Duration::from_millis(500))
         .build()
         .await
         .unwrap();
     let (events, _guard) = capture_events();
     engine.fetch("SELECT 1").await.unwrap();
-    engine.fetch("SELECT pg_sleep(0.1)").await.unwrap();
+    engine.fetch("SELECT pg_sleep(0.6)").await.unwrap();
     let events = events.lock().unwrap();
     let slow: Vec<_> = events
         .iter()

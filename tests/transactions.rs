@@ -1437,7 +1437,7 @@ async fn pool_exhaustion_inside_transactions_times_out() {
     let elapsed = started.elapsed();
     assert_eq!(error.kind(), ErrorKind::PoolTimeout, "{error}");
     assert!(
-        elapsed >= wait - Duration::from_millis(50) && elapsed < wait * 5,
+        elapsed >= wait - Duration::from_millis(50) && elapsed < wait + Duration::from_secs(10),
         "{elapsed:?}"
     );
     let error = engine.fetch("SELECT 1").await.unwrap_err();

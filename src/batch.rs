@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 use futures::{Stream, StreamExt};
 use tokio_postgres::{Row, RowStream};
 
-use crate::engine::PostgresEngine;
 use crate::error::{Error, Result};
 use crate::executor::{Executor, Lease, compile_all};
 use crate::query::{CompiledQuery, Query};
@@ -19,9 +18,11 @@ const MAX_BATCH_SIZE: usize = i32::MAX as usize;
 
 /// The rows of a query, at most `batch_size` at a time.
 ///
-/// - Inside an ambient transaction it declares a server-side cursor in that transaction
-///   (so it sees the transaction's uncommitted rows) and `FETCH`es one batch at a time;
-///   the transaction stays open, free for other queries between batches.
+/// - Inside a transaction (`tx.batch(…)`, or `engine.batch(…)` in an ambient one) it
+///   declares a server-side cursor in that transaction (so it sees the transaction's
+///   uncommitted rows) and `FETCH`es one batch at a time; the transaction stays open,
+///   free for other queries between batches. The cursor is closed after the last row;
+///   one dropped before that stays open until the transaction ends.
 /// - Otherwise it takes a pooled connection and runs the statement in a transaction of
 ///   its own (the statement's implicit one), reading its portal as the rows arrive: TCP
 ///   flow control holds the server back while the caller is busy, so memory stays
@@ -34,6 +35,7 @@ const MAX_BATCH_SIZE: usize = i32::MAX as usize;
 /// ```no_run
 /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
 /// use futures::TryStreamExt;
+/// use pgengine::prelude::*;
 /// let mut batch = engine.batch(pgengine::sql!("SELECT * FROM band WHERE popularity > {}", 10), 500).await?;
 /// while let Some(rows) = batch.next().await? {
 ///     for row in rows { let _name: String = row.get("name"); }
@@ -66,8 +68,8 @@ enum Rows {
 }
 
 impl AsyncBatch {
-    pub(crate) async fn open(
-        engine: &PostgresEngine,
+    pub(crate) async fn open<E: Executor + ?Sized>(
+        executor: &E,
         query: impl Query,
         batch_size: usize,
     ) -> Result<Self> {
@@ -84,7 +86,7 @@ impl AsyncBatch {
             )));
         }
         let compiled = compile_all(&statements)?;
-        let lease = engine.lease().await?;
+        let lease = executor.lease().await?;
         let rows = match lease.transaction() {
             Some(tx) => {
                 let name = tx.next_cursor_name();

@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 
 use crate::atomic::Atomic;
-use crate::batch::AsyncBatch;
 use crate::config::{EngineBuilder, EngineSettings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::executor::{Executor, Lease};
 use crate::pool::{Connection, ConnectionPool};
-use crate::query::Query;
 use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
 use crate::version::ServerVersion;
 
@@ -289,21 +287,6 @@ impl PostgresEngine {
     /// ```
     pub fn atomic(&self) -> Atomic {
         Atomic::new(self.clone())
-    }
-
-    /// Streams the rows of `query`, at most `batch_size` at a time, in bounded memory
-    /// (a server-side cursor inside the ambient transaction); see [`AsyncBatch`].
-    ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
-    /// let mut batch = engine.batch("SELECT * FROM big_table", 1000).await?;
-    /// while let Some(rows) = batch.next().await? {
-    ///     println!("{} rows", rows.len());
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn batch(&self, query: impl Query, batch_size: usize) -> Result<AsyncBatch> {
-        AsyncBatch::open(self, query, batch_size).await
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::batch::AsyncBatch;
 use crate::engine::EngineShared;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Outcome, Want};
@@ -140,6 +141,29 @@ pub trait Executor: sealed::Sealed + Sync {
             let lease = self.lease().await?;
             lease.simple(ddl).await
         }
+    }
+
+    /// Streams the rows of `query`, at most `batch_size` at a time, in bounded memory;
+    /// see [`AsyncBatch`]. Inside a transaction (this one, or the ambient one of the
+    /// engine) it reads a cursor of that transaction and sees its uncommitted rows.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let mut batch = engine.batch("SELECT * FROM big_table", 1000).await?;
+    /// while let Some(rows) = batch.next().await? {
+    ///     println!("{} rows", rows.len());
+    /// }
+    /// let tx = engine.begin().await?;
+    /// let mut batch = tx.batch("SELECT * FROM big_table", 1000).await?;
+    /// # Ok(()) }
+    /// ```
+    fn batch<Q: Query>(
+        &self,
+        query: Q,
+        batch_size: usize,
+    ) -> impl Future<Output = Result<AsyncBatch>> + Send {
+        AsyncBatch::open(self, query, batch_size)
     }
 
     /// Runs one [`QueryString`] and returns its rows: the seed's name for

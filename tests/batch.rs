@@ -323,6 +323,81 @@ async fn an_error_mid_stream_is_returned() {
     common::assert_sessions_clean(&db).await;
 }
 
+/// `tx.batch` on a transaction handle (the guard form, with no ambient scope) reads a
+/// cursor of that transaction: it sees the uncommitted rows, a batch dropped half-read
+/// leaves the transaction usable, and the commit keeps what the transaction wrote.
+/// `engine.batch` on the same task meanwhile is outside the transaction.
+#[tokio::test]
+async fn batch_of_a_transaction_handle_reads_in_that_transaction() {
+    let (db, engine) = common::engine().await;
+    engine.run_ddl("CREATE TABLE t (id int)").await.unwrap();
+    let tx = engine.begin().await.unwrap();
+    tx.execute("INSERT INTO t SELECT generate_series(1, 25)")
+        .await
+        .unwrap();
+
+    let mut batch = tx.batch("SELECT id FROM t ORDER BY id", 10).await.unwrap();
+    assert_eq!(drain(&mut batch, 10).await, expected(25, 10));
+
+    let outside = engine.batch("SELECT id FROM t", 10).await.unwrap();
+    let outside: Vec<Vec<Row>> = outside.try_collect().await.unwrap();
+    assert!(
+        outside.is_empty(),
+        "another session sees no uncommitted row"
+    );
+
+    let mut half_read = tx
+        .batch(sql!("SELECT id FROM t WHERE id > {} ORDER BY id", 5), 3)
+        .await
+        .unwrap();
+    let first: Vec<i32> = half_read
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(first, [6, 7, 8]);
+    drop(half_read);
+
+    tx.execute("INSERT INTO t VALUES (100)").await.unwrap();
+    tx.commit().await.unwrap();
+    let n: i64 = engine
+        .fetch_one("SELECT count(*) FROM t")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 26);
+    common::assert_sessions_clean(&db).await;
+}
+
+/// A batch of a transaction handle that fails mid-stream aborts that transaction: its
+/// commit is an error and nothing is saved.
+#[tokio::test]
+async fn an_error_in_a_transaction_handle_batch_fails_its_commit() {
+    let (db, engine) = common::engine().await;
+    engine.run_ddl("CREATE TABLE t (id int)").await.unwrap();
+    let tx = engine.begin().await.unwrap();
+    tx.execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let batches: Result<Vec<Vec<Row>>, Error> = tx
+        .batch(DIVISION_BY_ZERO_AT_5000, 100)
+        .await
+        .unwrap()
+        .try_collect()
+        .await;
+    assert_eq!(batches.unwrap_err().code(), Some("22012"));
+    let err = tx.commit().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
+    let n: i64 = engine
+        .fetch_one("SELECT count(*) FROM t")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing was saved");
+    common::assert_sessions_clean(&db).await;
+}
+
 #[tokio::test]
 async fn an_error_mid_stream_aborts_the_transaction() {
     let (db, engine) = common::engine().await;

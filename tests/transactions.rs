@@ -937,8 +937,7 @@ async fn write_in_read_only_transaction_fails() {
 const ACCOUNTS: i32 = 10;
 const INITIAL_BALANCE: i32 = 1000;
 const TASKS: usize = 32;
-/// Scaled down from 200: 32 × 200 took ~15 s in a debug build.
-const TRANSFERS_PER_TASK: usize = 100;
+const TRANSFERS_PER_TASK: usize = 200;
 
 /// Concurrent random transfers under SERIALIZABLE with retry: money is neither made
 /// nor lost, no balance goes negative, and every transfer is applied (one ledger row),

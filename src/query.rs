@@ -39,6 +39,16 @@ impl<T: ToSql + Send + Sync + 'static> From<T> for Arg {
     }
 }
 
+impl Arg {
+    /// The value, as a parameter; `None` for a nested query.
+    fn as_value(&self) -> Option<&(dyn ToSql + Sync)> {
+        match self {
+            Arg::Value(value) => Some(value.as_ref() as &(dyn ToSql + Sync)),
+            Arg::Query(_) => None,
+        }
+    }
+}
+
 impl From<QueryString> for Arg {
     fn from(query: QueryString) -> Self {
         Arg::Query(query)
@@ -74,6 +84,9 @@ pub struct QueryString {
     template: Cow<'static, str>,
     args: Vec<Arg>,
     raw: bool,
+    /// The template's `$n` form, compiled with the program by [`sql!`](crate::sql); used
+    /// while every argument is a value (a nested query needs renumbering).
+    precompiled: Option<&'static str>,
 }
 
 impl QueryString {
@@ -88,6 +101,7 @@ impl QueryString {
             template: template.into(),
             args: Vec::new(),
             raw: false,
+            precompiled: None,
         }
     }
 
@@ -103,6 +117,19 @@ impl QueryString {
             template: template.into(),
             args,
             raw: false,
+            precompiled: None,
+        }
+    }
+
+    /// What [`sql!`](crate::sql) builds from a literal template: `sql` is the template's
+    /// `$n` form, checked against the arguments while the program compiled.
+    #[doc(hidden)]
+    pub fn precompiled(template: &'static str, sql: &'static str, args: Vec<Arg>) -> Self {
+        Self {
+            template: Cow::Borrowed(template),
+            args,
+            raw: false,
+            precompiled: Some(sql),
         }
     }
 
@@ -117,6 +144,7 @@ impl QueryString {
             template: sql.into(),
             args: Vec::new(),
             raw: true,
+            precompiled: None,
         }
     }
 
@@ -128,6 +156,7 @@ impl QueryString {
     /// ```
     pub fn arg(mut self, arg: impl Into<Arg>) -> Self {
         self.args.push(arg.into());
+        self.precompiled = None; // its placeholders were counted without this argument
         self
     }
 
@@ -146,10 +175,19 @@ impl QueryString {
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error naming both counts.
     ///
     /// ```
-    /// let err = pgengine::sql!("SELECT {}, {}", 1).compile().unwrap_err();
+    /// let err = pgengine::QueryString::new("SELECT {}, {}").arg(1).compile().unwrap_err();
     /// assert!(err.to_string().contains("2 placeholders but 1 argument"));
     /// ```
     pub fn compile(&self) -> Result<CompiledQuery<'_>> {
+        if let Some(sql) = self.precompiled {
+            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            if let Some(params) = values {
+                return Ok(CompiledQuery {
+                    sql: Cow::Borrowed(sql),
+                    params,
+                });
+            }
+        }
         let braces = || memchr::memchr2(b'{', b'}', self.template.as_bytes()).is_some();
         if self.args.is_empty() && (self.raw || !braces()) {
             return Ok(CompiledQuery {
@@ -335,21 +373,157 @@ impl<'a> CompiledQuery<'a> {
 /// Builds a [`QueryString`] from a template and its arguments.
 ///
 /// Each argument is moved in: any `ToSql + Send + Sync + 'static` value, or a nested
-/// `QueryString`.
+/// `QueryString`. A literal template is checked and compiled with the program: a lone
+/// brace, or placeholders and arguments that differ in number, do not compile, and no
+/// work is left for run time (a template that is not a literal is checked when the
+/// query runs).
 ///
 /// ```
 /// use pgengine::sql;
 /// let q = sql!("SELECT * FROM band WHERE popularity > {}", 100);
 /// assert_eq!(q.compile().unwrap().sql(), "SELECT * FROM band WHERE popularity > $1");
 /// ```
+///
+/// ```compile_fail
+/// let q = pgengine::sql!("SELECT {}, {}", 1); // two placeholders, one argument
+/// ```
+///
+/// ```compile_fail
+/// let q = pgengine::sql!("SELECT '{'"); // a lone brace: write '{{'
+/// ```
 #[macro_export]
 macro_rules! sql {
+    ($template:literal $(, $arg:expr)* $(,)?) => {{
+        const SHAPE: $crate::query::__private::Shape =
+            $crate::query::__private::Shape::of($template);
+        const _: () = SHAPE.check($crate::__sql_count!($($arg),*));
+        const BYTES: [u8; SHAPE.len] = $crate::query::__private::precompile::<{ SHAPE.len }>($template);
+        const SQL: &str = $crate::query::__private::utf8(&BYTES);
+        $crate::QueryString::precompiled($template, SQL, ::std::vec![$($crate::query::Arg::from($arg)),*])
+    }};
     ($template:expr $(,)?) => {
         $crate::QueryString::new($template)
     };
     ($template:expr, $($arg:expr),+ $(,)?) => {
         $crate::QueryString::with_args($template, ::std::vec![$($crate::query::Arg::from($arg)),+])
     };
+}
+
+/// The number of arguments given to [`sql!`](crate::sql).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __sql_count {
+    () => { 0usize };
+    ($head:expr $(, $tail:expr)*) => { 1usize + $crate::__sql_count!($($tail),*) };
+}
+
+/// What [`sql!`](crate::sql) runs while the program compiles; not an API.
+#[doc(hidden)]
+pub mod __private {
+    /// A literal template, scanned: the length of its `$n` form and its placeholders.
+    #[derive(Clone, Copy)]
+    pub struct Shape {
+        pub len: usize,
+        pub placeholders: usize,
+        pub lone_brace: bool,
+    }
+
+    impl Shape {
+        /// Scans `template` with the rules of the run-time compiler: `{}` is a
+        /// placeholder, `{{` and `}}` are literal braces, any other brace is lone.
+        pub const fn of(template: &str) -> Shape {
+            let bytes = template.as_bytes();
+            let (mut at, mut len, mut placeholders) = (0, 0, 0);
+            while at < bytes.len() {
+                let byte = bytes[at];
+                let next = if at + 1 < bytes.len() {
+                    bytes[at + 1]
+                } else {
+                    0
+                };
+                if byte == b'{' && next == b'}' {
+                    placeholders += 1;
+                    len += 1 + digits(placeholders);
+                    at += 2;
+                } else if byte == b'{' || byte == b'}' {
+                    if next != byte {
+                        return Shape {
+                            len: 0,
+                            placeholders: 0,
+                            lone_brace: true,
+                        };
+                    }
+                    len += 1;
+                    at += 2;
+                } else {
+                    len += 1;
+                    at += 1;
+                }
+            }
+            Shape {
+                len,
+                placeholders,
+                lone_brace: false,
+            }
+        }
+
+        /// Fails the build unless the template is well formed and takes `args`.
+        pub const fn check(self, args: usize) {
+            assert!(
+                !self.lone_brace,
+                "sql!: lone brace in the template; write a literal brace twice"
+            );
+            assert!(
+                self.placeholders == args,
+                "sql!: the template's placeholders and the arguments differ in number"
+            );
+        }
+    }
+
+    /// The `$n` form of a well-formed template whose form is `N` bytes long.
+    pub const fn precompile<const N: usize>(template: &str) -> [u8; N] {
+        let bytes = template.as_bytes();
+        let mut sql = [0u8; N];
+        let (mut at, mut out, mut placeholders) = (0, 0, 0);
+        while at < bytes.len() {
+            let byte = bytes[at];
+            if byte == b'{' && bytes[at + 1] == b'}' {
+                placeholders += 1;
+                sql[out] = b'$';
+                let width = digits(placeholders);
+                let (mut rest, mut digit) = (placeholders, width);
+                while digit > 0 {
+                    sql[out + digit] = b'0' + (rest % 10) as u8;
+                    rest /= 10;
+                    digit -= 1;
+                }
+                out += 1 + width;
+                at += 2;
+            } else {
+                sql[out] = byte;
+                out += 1;
+                at += if byte == b'{' || byte == b'}' { 2 } else { 1 };
+            }
+        }
+        sql
+    }
+
+    /// The bytes as text (they are: a template's bytes with ASCII swapped in).
+    pub const fn utf8(bytes: &[u8]) -> &str {
+        match core::str::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => panic!("sql!: the compiled template is not UTF-8"),
+        }
+    }
+
+    const fn digits(mut n: usize) -> usize {
+        let mut width = 1;
+        while n >= 10 {
+            n /= 10;
+            width += 1;
+        }
+        width
+    }
 }
 
 /// Anything that yields the statements to run, in order.

@@ -247,12 +247,10 @@ impl TransactionBuilder {
         let mut attempt = 1;
         loop {
             let tx = self.begin_outermost().await?;
-            let outcome = ambient::scope(
-                engine_id,
-                tx.shared.clone(),
-                AssertUnwindSafe(body(&tx)).catch_unwind(),
-            )
-            .await;
+            // Boxed: the body's future is large, and this one would copy it whole at
+            // each move; a box is moved as a pointer.
+            let body = Box::pin(AssertUnwindSafe(body(&tx)).catch_unwind());
+            let outcome = ambient::scope(engine_id, tx.shared.clone(), body).await;
             let retryable = match outcome {
                 Err(panic) => {
                     let _ = tx.finish_if_active(Finish::Rollback).await;

@@ -480,7 +480,7 @@ async fn invalid_input() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 
     let err = engine
-        .batch(sql!("SELECT {}, {}", 1), 10)
+        .batch(QueryString::new("SELECT {}, {}").arg(1), 10)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");

@@ -83,6 +83,25 @@ proptest! {
         }
     }
 
+    /// What `sql!` does with a literal template while the program compiles agrees with
+    /// the run-time compiler: the same `$n` text and placeholder count, and a lone brace
+    /// found by both.
+    #[test]
+    fn compile_time_and_run_time_compilers_agree(template in "[a-z {}$é]{0,40}") {
+        use pgengine::query::__private::{Shape, precompile};
+        let shape = Shape::of(&template);
+        let args = (0..shape.placeholders).map(|i| Arg::from(i as i32)).collect();
+        match QueryString::with_args(template.clone(), args).compile() {
+            Ok(compiled) => {
+                prop_assert!(!shape.lone_brace);
+                let sql = precompile::<256>(&template);
+                prop_assert_eq!(&sql[..shape.len], compiled.sql().as_bytes());
+                prop_assert_eq!(compiled.params().len(), shape.placeholders);
+            }
+            Err(e) => prop_assert!(shape.lone_brace, "{}", e),
+        }
+    }
+
     /// Nesting a query `depth` levels deep, each level with its own arguments, numbers
     /// the parameters 1..n in reading order, whatever the depth.
     #[test]
@@ -126,11 +145,38 @@ fn nested_query_arguments_are_renumbered() {
     assert_eq!(compiled.params().len(), 3);
 }
 
+/// `sql!` with a literal template gives the same as the run-time compiler, also with a
+/// nested query (renumbered at run time) or an argument added afterwards (checked then).
+#[test]
+fn literal_templates_compile_like_the_others() {
+    let literal = sql!("SELECT {} + {}, '{{}}'", 1_i32, 2_i32);
+    let built = QueryString::new("SELECT {} + {}, '{{}}'")
+        .arg(1_i32)
+        .arg(2_i32);
+    let (literal, built) = (literal.compile().unwrap(), built.compile().unwrap());
+    assert_eq!(literal.sql(), "SELECT $1 + $2, '{}'");
+    assert_eq!(literal.sql(), built.sql());
+    assert_eq!(literal.params().len(), 2);
+
+    let nested = sql!("SELECT {}, ({})", 1_i32, sql!("SELECT {}", 2_i32));
+    assert_eq!(nested.compile().unwrap().sql(), "SELECT $1, (SELECT $2)");
+    let one_more = sql!("SELECT {}", 1_i32).arg(2_i32).compile().unwrap_err();
+    assert_eq!(one_more.kind(), ErrorKind::InvalidInput);
+    assert!(
+        one_more
+            .to_string()
+            .contains("1 placeholder but 2 arguments"),
+        "{one_more}"
+    );
+    let many = sql!("{}{}{}{}{}{}{}{}{}{}{}", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11);
+    assert_eq!(many.compile().unwrap().sql(), "$1$2$3$4$5$6$7$8$9$10$11");
+}
+
 #[test]
 fn braces_and_raw_sql() {
     let q = sql!("SELECT '{{\"a\": {}}}'::jsonb", 1);
     assert_eq!(q.compile().unwrap().sql(), "SELECT '{\"a\": $1}'::jsonb");
-    let lone = sql!("SELECT '{'").compile().unwrap_err();
+    let lone = QueryString::new("SELECT '{'").compile().unwrap_err();
     assert_eq!(lone.kind(), ErrorKind::InvalidInput);
     assert!(lone.to_string().contains("unmatched '{'"));
     let raw = QueryString::raw("SELECT '{'");

@@ -1,34 +1,44 @@
-//! `client-cost`: point selects run one at a time in this process, so that a tool such as
-//! `valgrind --tool=callgrind` can count the client's instructions per query: a figure
-//! that, unlike a rate on a shared machine, is the same from run to run.
+//! `client-cost`: one workload's calls (point selects by default) run one at a time in
+//! this process, so that a tool such as `valgrind --tool=callgrind` can count the
+//! client's instructions per call: a figure that, unlike a rate on a shared machine, is
+//! the same from run to run.
 //!
 //! ```sh
 //! for n in 1000 3000; do
 //!   valgrind --tool=callgrind --callgrind-out-file=cg.$n \
-//!     target/release/pgengine-bench client-cost --system pgengine --url "$URL" --queries $n
-//! done   # instructions per query = (Ir of 3000 − Ir of 1000) / 2000
+//!     target/release/pgengine-bench client-cost --system pgengine --workload tpcb \
+//!     --url "$URL" --queries $n
+//! done   # instructions per call = (Ir of 3000 − Ir of 1000) / 2000
 //! ```
 //!
 //! The server at the URL needs the benchmark's tables: `pgbench -i`, and
 //! `CREATE TABLE bench_atomic (a int NOT NULL, b text NOT NULL)`.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 
 use crate::measure::Session;
 use crate::systems::System;
 use crate::systems::deadpool::{self, DeadpoolSession};
 use crate::systems::tokio_pg::TokioPgSession;
-use crate::workloads::Call;
+use crate::workloads::{Op, Workload};
 
-/// Runs `queries` point selects through `system`, one after another.
-pub async fn run(system: System, url: &str, queries: u32) -> Result<()> {
+/// The keys drawn from: the first 100,000 accounts.
+const ACCOUNTS: i32 = 100_000;
+
+/// Runs `calls` calls of `workload` through `system`, one after another.
+pub async fn run(system: System, workload: Workload, url: &str, calls: u32) -> Result<()> {
+    let op = workload
+        .op(ACCOUNTS)
+        .with_context(|| format!("{workload:?} is not a closed-loop workload"))?;
     match system {
-        System::TokioPostgres => repeat(TokioPgSession::open(url).await?, queries).await,
-        System::Deadpool => repeat(DeadpoolSession(deadpool::pool(url, 1).await?), queries).await,
+        System::TokioPostgres => repeat(TokioPgSession::open(url).await?, op, calls).await,
+        System::Deadpool => repeat(DeadpoolSession(deadpool::pool(url, 1).await?), op, calls).await,
         #[cfg(feature = "pgengine")]
         System::Pgengine => {
             use crate::systems::pgengine::{PgengineSession, engine};
-            repeat(PgengineSession(engine(url, 1).await?), queries).await
+            repeat(PgengineSession(engine(url, 1).await?), op, calls).await
         }
         other => bail!(
             "client-cost measures Rust clients in-process, not {}",
@@ -37,10 +47,10 @@ pub async fn run(system: System, url: &str, queries: u32) -> Result<()> {
     }
 }
 
-async fn repeat(mut session: impl Session, queries: u32) -> Result<()> {
-    for i in 0..queries {
-        let aid = (i % 100_000) as i32 + 1;
-        session.call(Call::PointSelect { aid }).await?;
+async fn repeat(mut session: impl Session, op: Op, calls: u32) -> Result<()> {
+    let mut rng = SmallRng::seed_from_u64(1);
+    for _ in 0..calls {
+        session.call(op.draw(&mut rng)).await?;
     }
     Ok(())
 }

@@ -63,11 +63,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs point selects one at a time, to count the client's instructions per query
-    /// under `valgrind --tool=callgrind` (see src/client_cost.rs).
+    /// Runs one workload's calls one at a time, to count the client's instructions per
+    /// call under `valgrind --tool=callgrind` (see src/client_cost.rs).
     ClientCost {
         #[arg(long, value_enum)]
         system: System,
+        /// A closed-loop workload (point-select1, tpcb, atomic, empty-tx).
+        #[arg(long, value_enum, default_value = "point-select1")]
+        workload: Workload,
         /// A server with pgbench's tables.
         #[arg(long)]
         url: String,
@@ -104,9 +107,10 @@ async fn main() -> Result<()> {
         }
         Some(Command::ClientCost {
             system,
+            workload,
             url,
             queries,
-        }) => client_cost::run(*system, url, *queries).await,
+        }) => client_cost::run(*system, *workload, url, *queries).await,
         None => run(cli).await,
     }
 }

@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures::FutureExt;
 
@@ -97,6 +98,7 @@ pub struct TransactionBuilder {
     isolation: Option<IsolationLevel>,
     read_only: Option<bool>,
     deferrable: Option<bool>,
+    statement_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
 }
 
@@ -108,6 +110,7 @@ impl TransactionBuilder {
             isolation: None,
             read_only: None,
             deferrable: None,
+            statement_timeout: None,
             retry: None,
         }
     }
@@ -172,6 +175,26 @@ impl TransactionBuilder {
     /// ```
     pub fn deferrable(mut self, deferrable: bool) -> Self {
         self.deferrable = Some(deferrable);
+        self
+    }
+
+    /// The longest any one statement of the transaction may run: the server cancels a
+    /// statement past it (SQLSTATE 57014), which aborts the transaction. Sent with the
+    /// `BEGIN` (`SET LOCAL statement_timeout`, no extra round trip); it ends with the
+    /// transaction. Set to the millisecond, at least 1 ms.
+    ///
+    /// To bound a whole closure-form transaction, wrap it in `tokio::time::timeout`:
+    /// dropped at the deadline, it is rolled back before its connection is reused (only
+    /// a deadline that falls while the `COMMIT` is in flight leaves the outcome unknown).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// use std::time::Duration;
+    /// let builder = engine.transaction().statement_timeout(Duration::from_secs(5));
+    /// # }
+    /// ```
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
         self
     }
 
@@ -377,10 +400,21 @@ impl TransactionBuilder {
             Some(false) => modes.push("NOT DEFERRABLE".into()),
             None => {}
         }
-        if modes.is_empty() {
+        let begin = if modes.is_empty() {
             Cow::Borrowed("BEGIN")
         } else {
             Cow::Owned(format!("BEGIN {}", modes.join(", ")))
+        };
+        match self.statement_timeout {
+            None => begin,
+            Some(timeout) => {
+                // PostgreSQL takes whole milliseconds up to i32::MAX; 0 would mean none.
+                let millis = timeout
+                    .as_nanos()
+                    .div_ceil(1_000_000)
+                    .clamp(1, i32::MAX as u128);
+                Cow::Owned(format!("{begin}; SET LOCAL statement_timeout = {millis}"))
+            }
         }
     }
 }

@@ -850,6 +850,58 @@ async fn begin_on_terminated_session_does_not_leak() {
 // ---------------------------------------------------------------------------------------
 
 /// Isolation level, read-only and deferrable are in effect inside the transaction.
+/// `statement_timeout` holds for the transaction's statements (both forms): one past it
+/// is cancelled by the server with 57014, which aborts the transaction, so its commit
+/// fails and nothing is saved; the setting ends with the transaction (the same
+/// connection, next, has the server's default again).
+#[tokio::test]
+async fn statement_timeout_cancels_a_slow_statement_and_ends_with_the_transaction() {
+    let (db, engine) = common::engine_with(1).await;
+    create_band(&engine).await;
+    let default: String = engine
+        .fetch_one("SHOW statement_timeout")
+        .await
+        .unwrap()
+        .get(0);
+
+    let result = engine
+        .transaction()
+        .statement_timeout(Duration::from_millis(400))
+        .run(async |tx| {
+            let shown: String = tx.fetch_one("SHOW statement_timeout").await?.get(0);
+            assert_eq!(shown, "400ms");
+            tx.execute(insert_band("saved?")).await?;
+            tx.execute("SELECT pg_sleep(0.01)").await?; // within the limit
+            tx.execute("SELECT pg_sleep(5)").await?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Some("57014"), "{err}");
+    assert_eq!(count(&engine, "band").await, 0);
+
+    let tx = engine
+        .transaction()
+        .statement_timeout(Duration::from_micros(200_001)) // whole milliseconds, rounded up
+        .begin()
+        .await
+        .unwrap();
+    let shown: String = tx.fetch_one("SHOW statement_timeout").await.unwrap().get(0);
+    assert_eq!(shown, "201ms");
+    let err = tx.execute("SELECT pg_sleep(1)").await.unwrap_err();
+    assert_eq!(err.code(), Some("57014"), "{err}");
+    let err = tx.commit().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
+
+    let after: String = engine
+        .fetch_one("SHOW statement_timeout")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, default);
+    common::assert_sessions_clean(&db).await;
+}
+
 #[tokio::test]
 async fn options_are_in_effect() {
     let (_db, engine) = common::engine().await;

@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use tokio_postgres::{Row, RowStream};
 
 use crate::error::{Error, Result};
-use crate::executor::{Executor, Lease, compile_all};
+use crate::executor::{Executor, Lease};
 use crate::query::{CompiledQuery, Query};
 
 /// The largest `batch_size`: far more rows than fit in memory at once, and safe to add
@@ -78,22 +78,22 @@ impl AsyncBatch {
                 "batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}"
             )));
         }
-        let statements = query.into_querystrings();
-        if statements.len() != 1 {
+        let statements = query.into_statements();
+        let [statement] = statements.as_slice() else {
             return Err(Error::invalid_input(format!(
                 "a batch streams exactly one statement, the query has {}",
-                statements.len()
+                statements.as_slice().len()
             )));
-        }
-        let compiled = compile_all(&statements)?;
+        };
+        let statement = statement.compile()?;
         let lease = executor.lease().await?;
         let rows = match lease.transaction() {
             Some(tx) => {
                 let name = tx.next_cursor_name();
-                declare_cursor(&lease, &name, &compiled[0]).await?;
+                declare_cursor(&lease, &name, &statement).await?;
                 Rows::Cursor { name }
             }
-            None => Rows::Streamed(Box::pin(start_stream(&lease, &compiled[0]).await?)),
+            None => Rows::Streamed(Box::pin(start_stream(&lease, &statement).await?)),
         };
         Ok(Self {
             source: Some(Box::new(Source {

@@ -50,8 +50,8 @@ pub trait Executor: sealed::Sealed + Sync {
     /// ```
     fn fetch<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Vec<Row>>> + Send {
         async move {
-            let statements = query.into_querystrings();
-            let compiled = compile_all(&statements)?;
+            let statements = query.into_statements();
+            let compiled = compile_all(statements.as_slice())?;
             let lease = self.lease().await?;
             lease.fetch(&compiled).await
         }
@@ -119,8 +119,8 @@ pub trait Executor: sealed::Sealed + Sync {
     /// ```
     fn execute<Q: Query>(&self, query: Q) -> impl Future<Output = Result<u64>> + Send {
         async move {
-            let statements = query.into_querystrings();
-            let compiled = compile_all(&statements)?;
+            let statements = query.into_statements();
+            let compiled = compile_all(statements.as_slice())?;
             let lease = self.lease().await?;
             lease.execute(&compiled).await
         }
@@ -184,11 +184,33 @@ pub trait Executor: sealed::Sealed + Sync {
 }
 
 /// Compiles every statement before anything is sent.
-pub(crate) fn compile_all(statements: &[QueryString]) -> Result<Vec<CompiledQuery<'_>>> {
-    if statements.is_empty() {
-        return Err(Error::invalid_input("the query has no statement"));
+pub(crate) fn compile_all(statements: &[QueryString]) -> Result<Compiled<'_>> {
+    match statements {
+        [] => Err(Error::invalid_input("the query has no statement")),
+        [one] => Ok(Compiled::One(one.compile()?)),
+        many => Ok(Compiled::Many(
+            many.iter()
+                .map(QueryString::compile)
+                .collect::<Result<_>>()?,
+        )),
     }
-    statements.iter().map(QueryString::compile).collect()
+}
+
+/// Compiled statements; one without a `Vec`.
+pub(crate) enum Compiled<'a> {
+    One(CompiledQuery<'a>),
+    Many(Vec<CompiledQuery<'a>>),
+}
+
+impl<'a> std::ops::Deref for Compiled<'a> {
+    type Target = [CompiledQuery<'a>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Compiled::One(statement) => std::slice::from_ref(statement),
+            Compiled::Many(statements) => statements,
+        }
+    }
 }
 
 /// A connection lent for one operation: a pooled one, or the connection of a

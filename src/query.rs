@@ -547,11 +547,41 @@ pub mod __private {
 pub trait Query: Send {
     /// The statements of this query, in the order they run.
     fn into_querystrings(self) -> Vec<QueryString>;
+
+    /// The same, without a `Vec` for a single statement (the engine's hot path; not an
+    /// API of its own).
+    #[doc(hidden)]
+    fn into_statements(self) -> Statements
+    where
+        Self: Sized,
+    {
+        Statements::Many(self.into_querystrings())
+    }
+}
+
+/// The statements of a [`Query`], one without a `Vec`.
+#[doc(hidden)]
+pub enum Statements {
+    One(QueryString),
+    Many(Vec<QueryString>),
+}
+
+impl Statements {
+    pub(crate) fn as_slice(&self) -> &[QueryString] {
+        match self {
+            Statements::One(statement) => std::slice::from_ref(statement),
+            Statements::Many(statements) => statements,
+        }
+    }
 }
 
 impl Query for QueryString {
     fn into_querystrings(self) -> Vec<QueryString> {
         vec![self]
+    }
+
+    fn into_statements(self) -> Statements {
+        Statements::One(self)
     }
 }
 
@@ -559,11 +589,19 @@ impl Query for &'static str {
     fn into_querystrings(self) -> Vec<QueryString> {
         vec![QueryString::raw(self)]
     }
+
+    fn into_statements(self) -> Statements {
+        Statements::One(QueryString::raw(self))
+    }
 }
 
 impl Query for String {
     fn into_querystrings(self) -> Vec<QueryString> {
         vec![QueryString::raw(self)]
+    }
+
+    fn into_statements(self) -> Statements {
+        Statements::One(QueryString::raw(self))
     }
 }
 

@@ -301,10 +301,12 @@ impl Report {
                  transaction being open), so each transaction costs 7 round trips. At c=16 \
                  the UPDATEs of the 10 `pgbench_branches` rows at scale 10 contend on row locks, \
                  which serializes part of the work and narrows the differences between clients. \
-                 The Rust clients (pgengine included) are level with each other; pgbench's lead \
-                 is client CPU: on 2 shared cores each microsecond the client spends is one the \
-                 server does not get, and libpq spends fewer than tokio's wake-ups. Single runs \
-                 on this machine swing by 10–25%, so compare systems within one run."
+                 The Rust clients' own work per transaction differs by a few microseconds of \
+                 CPU (count it with the `client-cost` subcommand under callgrind), a few percent \
+                 of the two cores at this rate, so their order changes from run to run: single \
+                 runs on this machine swing by 10–25%. pgbench's lead is client CPU: on 2 shared \
+                 cores each microsecond the client spends is one the server does not get, and \
+                 libpq spends fewer than tokio's wake-ups."
             }
             Workload::Atomic => {
                 "100 INSERTs in one transaction, one atomic after another. Code that awaits \

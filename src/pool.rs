@@ -115,6 +115,13 @@ impl Connection {
         self.unfinished.load(Ordering::Acquire)
     }
 
+    /// Cancels the abandoned request and returns `true` once the server has acted on
+    /// it (see [`Canceller`]); `false` when that cannot be known, and the connection must
+    /// not be used again.
+    pub(crate) async fn cancel_unfinished_request(&self) -> bool {
+        self.canceller.cancel(&self.client().cancel_token()).await
+    }
+
     /// Marks a request as started on this connection: if the returned guard is dropped
     /// before [`finish`](RequestGuard::finish) (the request's future was dropped), the
     /// request is cancelled before the connection is reused.

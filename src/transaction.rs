@@ -726,7 +726,24 @@ impl TxShared {
             (Finish::Commit, None) => "COMMIT",
             _ => "ROLLBACK",
         };
+        // An abandoned request may still be running: cancel it first, or the ROLLBACK
+        // would wait behind it. Where that cannot be done for sure, nothing more is sent:
+        // the connection is discarded when dropped, which ends the transaction.
+        let abandoned = connection.has_unfinished_request();
+        if abandoned && !connection.cancel_unfinished_request().await {
+            return match finish {
+                Finish::Commit => Err(Error::transaction(format!(
+                    "cannot commit: {}; the transaction is rolled back",
+                    aborted_by.unwrap_or_default()
+                ))),
+                Finish::Rollback => Ok(()),
+            };
+        }
         let result = self.engine.shared.simple(&connection, sql).await;
+        if abandoned && result.is_ok() {
+            // Answers come in order: whatever was abandoned before has ended.
+            connection.set_request_open(false);
+        }
         // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an error.
         if result.is_ok() || result.as_ref().is_err_and(|e| e.database_error().is_some()) {
             connection.set_in_transaction(false);

@@ -1511,6 +1511,48 @@ async fn pool_exhaustion_inside_transactions_times_out() {
     common::assert_sessions_clean(&db).await;
 }
 
+/// Finishing a transaction whose abandoned query is still running does not wait for
+/// that query: it is cancelled first, so `commit` (refused) and `rollback` answer at
+/// once, and the connection is reused clean (the same session, on a pool of one).
+#[tokio::test]
+async fn finishing_does_not_wait_for_an_abandoned_query() {
+    let (db, engine) = common::engine_with(1).await;
+    create_item(&engine).await;
+    let pid = async || -> i32 {
+        engine
+            .fetch_one("SELECT pg_backend_pid()")
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let first = pid().await;
+    for finish in ["commit", "rollback"] {
+        let tx = engine.begin().await.unwrap();
+        tx.execute("INSERT INTO item VALUES (3, 'abandoned')")
+            .await
+            .unwrap();
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(100),
+            tx.execute("SELECT pg_sleep(60)"),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the query was still running");
+        let started = Instant::now();
+        match finish {
+            "commit" => {
+                let err = tx.commit().await.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
+            }
+            _ => tx.rollback().await.unwrap(),
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(20), "{finish} took {took:?}");
+        assert_eq!(pid().await, first, "{finish}: the connection was replaced");
+        assert_eq!(items_of(&engine, 3).await, 0);
+    }
+    common::assert_sessions_clean(&db).await;
+}
+
 /// A query of a transaction abandoned mid-flight (its future dropped by a timeout) has
 /// an unknown outcome: committing afterwards is refused and rolls back, never a silent
 /// commit of a write the caller gave up on.

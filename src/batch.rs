@@ -79,10 +79,10 @@ impl AsyncBatch {
             )));
         }
         let statements = query.into_statements();
-        let [statement] = statements.as_slice() else {
+        let [statement] = &*statements else {
             return Err(Error::invalid_input(format!(
                 "a batch streams exactly one statement, the query has {}",
-                statements.as_slice().len()
+                statements.len()
             )));
         };
         let statement = statement.compile()?;

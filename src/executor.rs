@@ -11,7 +11,7 @@ use crate::engine::EngineShared;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Outcome, Want};
 use crate::pool::Connection;
-use crate::query::{CompiledQuery, Query, QueryString};
+use crate::query::{CompiledQuery, OneOrMany, Query, QueryString};
 use crate::transaction::TxShared;
 
 pub(crate) mod sealed {
@@ -51,7 +51,7 @@ pub trait Executor: sealed::Sealed + Sync {
     fn fetch<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Vec<Row>>> + Send {
         async move {
             let statements = query.into_statements();
-            let compiled = compile_all(statements.as_slice())?;
+            let compiled = compile_all(&statements)?;
             let lease = self.lease().await?;
             lease.fetch(&compiled).await
         }
@@ -120,7 +120,7 @@ pub trait Executor: sealed::Sealed + Sync {
     fn execute<Q: Query>(&self, query: Q) -> impl Future<Output = Result<u64>> + Send {
         async move {
             let statements = query.into_statements();
-            let compiled = compile_all(statements.as_slice())?;
+            let compiled = compile_all(&statements)?;
             let lease = self.lease().await?;
             lease.execute(&compiled).await
         }
@@ -184,32 +184,15 @@ pub trait Executor: sealed::Sealed + Sync {
 }
 
 /// Compiles every statement before anything is sent.
-pub(crate) fn compile_all(statements: &[QueryString]) -> Result<Compiled<'_>> {
+pub(crate) fn compile_all(statements: &[QueryString]) -> Result<OneOrMany<CompiledQuery<'_>>> {
     match statements {
         [] => Err(Error::invalid_input("the query has no statement")),
-        [one] => Ok(Compiled::One(one.compile()?)),
-        many => Ok(Compiled::Many(
+        [one] => Ok(OneOrMany::One(one.compile()?)),
+        many => Ok(OneOrMany::Many(
             many.iter()
                 .map(QueryString::compile)
                 .collect::<Result<_>>()?,
         )),
-    }
-}
-
-/// Compiled statements; one without a `Vec`.
-pub(crate) enum Compiled<'a> {
-    One(CompiledQuery<'a>),
-    Many(Vec<CompiledQuery<'a>>),
-}
-
-impl<'a> std::ops::Deref for Compiled<'a> {
-    type Target = [CompiledQuery<'a>];
-
-    fn deref(&self) -> &Self::Target {
-        match self {
-            Compiled::One(statement) => std::slice::from_ref(statement),
-            Compiled::Many(statements) => statements,
-        }
     }
 }
 

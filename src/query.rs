@@ -551,26 +551,29 @@ pub trait Query: Send {
     /// The same, without a `Vec` for a single statement (the engine's hot path; not an
     /// API of its own).
     #[doc(hidden)]
-    fn into_statements(self) -> Statements
+    fn into_statements(self) -> OneOrMany<QueryString>
     where
         Self: Sized,
     {
-        Statements::Many(self.into_querystrings())
+        OneOrMany::Many(self.into_querystrings())
     }
 }
 
-/// The statements of a [`Query`], one without a `Vec`.
+/// One item or several; one without a `Vec` (the engine's hot path: a query is most
+/// often a single statement).
 #[doc(hidden)]
-pub enum Statements {
-    One(QueryString),
-    Many(Vec<QueryString>),
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
 }
 
-impl Statements {
-    pub(crate) fn as_slice(&self) -> &[QueryString] {
+impl<T> std::ops::Deref for OneOrMany<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
         match self {
-            Statements::One(statement) => std::slice::from_ref(statement),
-            Statements::Many(statements) => statements,
+            OneOrMany::One(item) => std::slice::from_ref(item),
+            OneOrMany::Many(items) => items,
         }
     }
 }
@@ -580,8 +583,8 @@ impl Query for QueryString {
         vec![self]
     }
 
-    fn into_statements(self) -> Statements {
-        Statements::One(self)
+    fn into_statements(self) -> OneOrMany<QueryString> {
+        OneOrMany::One(self)
     }
 }
 
@@ -590,8 +593,8 @@ impl Query for &'static str {
         vec![QueryString::raw(self)]
     }
 
-    fn into_statements(self) -> Statements {
-        Statements::One(QueryString::raw(self))
+    fn into_statements(self) -> OneOrMany<QueryString> {
+        OneOrMany::One(QueryString::raw(self))
     }
 }
 
@@ -600,8 +603,8 @@ impl Query for String {
         vec![QueryString::raw(self)]
     }
 
-    fn into_statements(self) -> Statements {
-        Statements::One(QueryString::raw(self))
+    fn into_statements(self) -> OneOrMany<QueryString> {
+        OneOrMany::One(QueryString::raw(self))
     }
 }
 

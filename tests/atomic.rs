@@ -28,14 +28,6 @@ async fn table_exists(engine: &PostgresEngine, name: &str) -> bool {
     row.get::<_, i64>(0) == 1
 }
 
-async fn count(engine: &impl Executor, table: &str) -> i64 {
-    engine
-        .fetch_one(format!("SELECT count(*) FROM {table}"))
-        .await
-        .expect("count")
-        .get(0)
-}
-
 /// Two `CREATE TABLE`s, then (when `malformed`) a statement that fails.
 fn ddl(engine: &PostgresEngine, malformed: bool) -> Atomic {
     let mut atomic = engine.atomic();
@@ -134,7 +126,7 @@ async fn joins_the_ambient_transaction() {
                 .add(sql!("INSERT INTO band VALUES ({})", "Rustaceans"));
             atomic.run().await?;
             // Visible in the transaction, not outside it: it did not commit on its own.
-            assert_eq!(count(tx, "band").await, 2);
+            assert_eq!(common::count(tx, "band").await, 2);
             let outside: i64 = observer
                 .query_one("SELECT count(*) FROM band", &[])
                 .await
@@ -145,7 +137,7 @@ async fn joins_the_ambient_transaction() {
         })
         .await;
     assert_eq!(result.unwrap_err().kind(), ErrorKind::InvalidInput);
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
 
     // The closure succeeds: committed with the transaction.
     engine
@@ -158,7 +150,7 @@ async fn joins_the_ambient_transaction() {
         })
         .await
         .unwrap();
-    assert_eq!(count(&engine, "band").await, 2);
+    assert_eq!(common::count(&engine, "band").await, 2);
 
     // A failing atomic aborts the ambient transaction: its commit is an error.
     let result: pgengine::Result<()> = engine
@@ -175,7 +167,11 @@ async fn joins_the_ambient_transaction() {
         })
         .await;
     assert_eq!(result.unwrap_err().kind(), ErrorKind::Transaction);
-    assert_eq!(count(&engine, "band").await, 2, "Crabs was not saved");
+    assert_eq!(
+        common::count(&engine, "band").await,
+        2,
+        "Crabs was not saved"
+    );
     common::assert_sessions_clean(&db).await;
 }
 
@@ -191,7 +187,7 @@ async fn a_thousand_parameterized_inserts_commit_together() {
     assert_eq!(atomic.len(), 1000);
     atomic.run().await.unwrap();
     assert!(atomic.is_empty());
-    assert_eq!(count(&engine, "t").await, 1000);
+    assert_eq!(common::count(&engine, "t").await, 1000);
     let row = engine
         .fetch_one("SELECT label FROM t WHERE id = 999")
         .await
@@ -200,7 +196,7 @@ async fn a_thousand_parameterized_inserts_commit_together() {
 
     // Running the emptied atomic again does nothing.
     atomic.run().await.unwrap();
-    assert_eq!(count(&engine, "t").await, 1000);
+    assert_eq!(common::count(&engine, "t").await, 1000);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -227,11 +223,11 @@ async fn a_failure_in_the_middle_stores_nothing_and_names_the_statement() {
     let failed = err.statement().expect("the failing statement");
     assert_eq!(failed.index, 500);
     assert_eq!(failed.sql, "INSERT INTO t VALUES ($1, $2)");
-    assert_eq!(count(&engine, "t").await, 0);
+    assert_eq!(common::count(&engine, "t").await, 0);
     common::assert_sessions_clean(&db).await;
     // The (only) connection is fine: usable, and outside any transaction (where a
     // SAVEPOINT is refused: 25P01).
-    assert_eq!(count(&engine, "t").await, 0);
+    assert_eq!(common::count(&engine, "t").await, 0);
     let err = engine.run_ddl("SAVEPOINT probe").await.unwrap_err();
     assert_eq!(err.code(), Some("25P01"), "{err}");
 }
@@ -299,7 +295,7 @@ async fn statements_see_the_effects_of_earlier_ones() {
         })
         .await
         .unwrap();
-    assert_eq!(count(&engine, "other").await, 10);
+    assert_eq!(common::count(&engine, "other").await, 10);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -320,7 +316,7 @@ fn run_sync_without_a_runtime() {
     atomic.run_sync().unwrap();
     assert!(runtime.block_on(table_exists(&engine, "first_table")));
     assert!(runtime.block_on(table_exists(&engine, "second_table")));
-    assert_eq!(runtime.block_on(count(&engine, "first_table")), 1);
+    assert_eq!(runtime.block_on(common::count(&engine, "first_table")), 1);
     runtime.block_on(common::assert_sessions_clean(&db));
 }
 
@@ -518,5 +514,5 @@ async fn round_trips_do_not_grow_with_the_statement_count() {
         in_transaction < limit,
         "in a transaction: {in_transaction:?} ≥ {limit:?}"
     );
-    assert_eq!(count(&engine, "t").await, 3 * i64::from(STATEMENTS));
+    assert_eq!(common::count(&engine, "t").await, 3 * i64::from(STATEMENTS));
 }

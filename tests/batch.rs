@@ -208,11 +208,7 @@ async fn inside_a_transaction_sees_its_rows_and_leaves_it_open() {
         })
         .await
         .unwrap();
-    let n: i64 = engine
-        .fetch_one("SELECT count(*) FROM t")
-        .await
-        .unwrap()
-        .get(0);
+    let n = common::count(&engine, "t").await;
     assert_eq!(n, 26, "committed");
     common::assert_sessions_clean(&db).await;
 }
@@ -363,11 +359,7 @@ async fn batch_of_a_transaction_handle_reads_in_that_transaction() {
 
     tx.execute("INSERT INTO t VALUES (100)").await.unwrap();
     tx.commit().await.unwrap();
-    let n: i64 = engine
-        .fetch_one("SELECT count(*) FROM t")
-        .await
-        .unwrap()
-        .get(0);
+    let n = common::count(&engine, "t").await;
     assert_eq!(n, 26);
     common::assert_sessions_clean(&db).await;
 }
@@ -389,11 +381,7 @@ async fn an_error_in_a_transaction_handle_batch_fails_its_commit() {
     assert_eq!(batches.unwrap_err().code(), Some("22012"));
     let err = tx.commit().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
-    let n: i64 = engine
-        .fetch_one("SELECT count(*) FROM t")
-        .await
-        .unwrap()
-        .get(0);
+    let n = common::count(&engine, "t").await;
     assert_eq!(n, 0, "nothing was saved");
     common::assert_sessions_clean(&db).await;
 }
@@ -420,11 +408,7 @@ async fn an_error_mid_stream_aborts_the_transaction() {
         .await;
     let err = result.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Transaction, "{err}");
-    let n: i64 = engine
-        .fetch_one("SELECT count(*) FROM t")
-        .await
-        .unwrap()
-        .get(0);
+    let n = common::count(&engine, "t").await;
     assert_eq!(n, 0, "nothing was saved");
     common::assert_sessions_clean(&db).await;
 }

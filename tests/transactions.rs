@@ -28,15 +28,6 @@ async fn table_exists(engine: &PostgresEngine, name: &str) -> bool {
         .get(0)
 }
 
-/// The number of rows of `table` (trusted, literal table name).
-async fn count(executor: &impl Executor, table: &str) -> i64 {
-    executor
-        .fetch_one(format!("SELECT count(*) FROM {table}"))
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The names stored in `band`, sorted.
 async fn band_names(executor: &impl Executor) -> Vec<String> {
     executor
@@ -355,7 +346,7 @@ async fn nested_join_sees_outer_rows_and_rolls_back_everything() {
         })
         .await
         .unwrap();
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -431,7 +422,7 @@ async fn commit_of_aborted_guard_transaction_is_an_error() {
     assert_eq!(error.kind(), ErrorKind::Transaction);
     assert!(error.to_string().contains("nothing was saved"), "{error}");
     assert!(!tx.is_active());
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -452,7 +443,7 @@ async fn commit_of_aborted_closure_transaction_is_an_error() {
     let error = result.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Transaction);
     assert!(error.to_string().contains("nothing was saved"), "{error}");
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -488,7 +479,7 @@ async fn queries_after_finishing_inside_closure_fail() {
             .await
             .unwrap();
     }
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -504,17 +495,21 @@ async fn ambient_queries_run_in_the_transaction() {
         .run(async |_tx| {
             engine.execute(insert_band("ambient")).await?;
             assert_eq!(
-                count(&engine, "band").await,
+                common::count(&engine, "band").await,
                 1,
                 "the engine sees its own row"
             );
-            assert_eq!(count(&other, "band").await, 0, "another engine does not");
+            assert_eq!(
+                common::count(&other, "band").await,
+                0,
+                "another engine does not"
+            );
             Err::<(), _>(Error::invalid_input("deliberate"))
         })
         .await;
     assert_eq!(result.unwrap_err().kind(), ErrorKind::InvalidInput);
-    assert_eq!(count(&engine, "band").await, 0);
-    assert_eq!(count(&other, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
+    assert_eq!(common::count(&other, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -703,7 +698,7 @@ async fn dropped_guard_is_rolled_back() {
     tx.execute(insert_band("dropped")).await.unwrap();
     drop(tx);
     // The single connection is the one the guard had.
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     engine
         .transaction()
         .run(async |tx| tx.execute(insert_band("next")).await)
@@ -733,7 +728,7 @@ async fn panic_inside_closure_rolls_back() {
     })
     .await;
     assert!(joined.unwrap_err().is_panic());
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
     engine
         .transaction()
@@ -761,7 +756,7 @@ async fn failed_commit_returns_the_database_error() {
     assert_eq!(error.code(), Some("23505"), "{error}");
     assert!(!tx.is_active());
     drop(tx);
-    assert_eq!(count(&engine, "u").await, 0);
+    assert_eq!(common::count(&engine, "u").await, 0);
     common::assert_sessions_clean(&db).await;
     // Closure form.
     let error = engine
@@ -774,9 +769,9 @@ async fn failed_commit_returns_the_database_error() {
         .unwrap_err();
     assert_eq!(error.code(), Some("23505"), "{error}");
     assert!(!engine.transaction_exists());
-    assert_eq!(count(&engine, "u").await, 0);
+    assert_eq!(common::count(&engine, "u").await, 0);
     engine.execute("INSERT INTO u VALUES (3)").await.unwrap();
-    assert_eq!(count(&engine, "u").await, 1);
+    assert_eq!(common::count(&engine, "u").await, 1);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -841,7 +836,7 @@ async fn begin_on_terminated_session_does_not_leak() {
         assert!(engine.pool_status().size <= 1);
     }
     eprintln!("BEGIN after termination: {paths:?}");
-    assert_eq!(count(&engine, "band").await, 4);
+    assert_eq!(common::count(&engine, "band").await, 4);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -878,7 +873,7 @@ async fn statement_timeout_cancels_a_slow_statement_and_ends_with_the_transactio
         .await;
     let err = result.unwrap_err();
     assert_eq!(err.code(), Some("57014"), "{err}");
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
 
     let tx = engine
         .transaction()
@@ -978,7 +973,7 @@ async fn write_in_read_only_transaction_fails() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Some("25006"), "{error}");
-    assert_eq!(count(&engine, "band").await, 0);
+    assert_eq!(common::count(&engine, "band").await, 0);
     common::assert_sessions_clean(&db).await;
 }
 
@@ -1108,7 +1103,7 @@ async fn bank_transfers_under_serializable_with_retry() {
 
     assert_eq!(applied + refused + failed, TASKS * TRANSFERS_PER_TASK);
     assert!(applied > 0);
-    assert_eq!(count(&engine, "ledger").await as usize, applied);
+    assert_eq!(common::count(&engine, "ledger").await as usize, applied);
     let row = engine
         .fetch_one("SELECT sum(balance)::int, min(balance) FROM account")
         .await
@@ -1459,7 +1454,7 @@ async fn transaction_future_can_be_spawned() {
                     .nested(Nested::Savepoint)
                     .run(async |inner| inner.execute(insert_band("nested")).await)
                     .await?;
-                Ok::<_, Error>(count(&engine, "band").await)
+                Ok::<_, Error>(common::count(&engine, "band").await)
             })
             .await
     });

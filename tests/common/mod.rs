@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pgengine::{EngineBuilder, PostgresEngine};
+use pgengine::{EngineBuilder, Executor, PostgresEngine};
 use pgengine_testing::TestDatabase;
 
 /// A fresh database, and an engine on it with `max_connections` connections.
@@ -74,4 +74,14 @@ pub async fn assert_sessions_clean(db: &TestDatabase) {
         states.iter().all(|s| s == "idle"),
         "sessions not clean: {states:?}"
     );
+}
+
+/// The number of rows of `table` (trusted, literal table name), counted through
+/// `executor` (so inside its transaction, for a transaction).
+pub async fn count(executor: &impl Executor, table: &str) -> i64 {
+    executor
+        .fetch_one(format!("SELECT count(*) FROM {table}"))
+        .await
+        .expect("count")
+        .get(0)
 }

@@ -619,6 +619,64 @@ async fn a_late_cancel_never_hits_the_next_query_over_a_unix_socket() {
     common::assert_sessions_clean(&db).await;
 }
 
+/// With several hosts configured, which one a session is on is unknown, so the cancel
+/// of an abandoned query cannot be confirmed: the query is still cancelled on the
+/// server, and its connection is replaced rather than reused.
+#[tokio::test]
+async fn with_several_hosts_an_abandoned_query_is_cancelled_and_its_connection_replaced() {
+    let db = TestDatabase::new().await.unwrap();
+    let url: tokio_postgres::Config = db.url().parse().unwrap();
+    let host = match &url.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(name) => name.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    let port = url.get_ports().first().copied().unwrap_or(5432);
+    let engine = common::builder(&db)
+        .host(&host)
+        .host(&host)
+        .port(port)
+        .port(port)
+        .max_connections(1)
+        .build()
+        .await
+        .unwrap();
+    let pid = "SELECT pg_backend_pid()";
+    let first: i32 = engine.fetch_one(pid).await.unwrap().get(0);
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        engine.execute("SELECT pg_sleep(60)"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the query was still running");
+    let started = Instant::now();
+    let next: i32 = engine.fetch_one(pid).await.unwrap().get(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_ne!(next, first, "the connection was replaced");
+
+    let observer = db.connect().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sleeping: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if sleeping == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned query still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    common::assert_sessions_clean(&db).await;
+}
+
 /// `log_responses` reports each answer's row count at DEBUG.
 #[tokio::test]
 async fn log_responses_reports_row_counts() {

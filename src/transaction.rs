@@ -181,7 +181,8 @@ impl TransactionBuilder {
     /// The longest any one statement of the transaction may run: the server cancels a
     /// statement past it (SQLSTATE 57014), which aborts the transaction. Sent with the
     /// `BEGIN` (`SET LOCAL statement_timeout`, no extra round trip); it ends with the
-    /// transaction. Set to the millisecond, at least 1 ms.
+    /// transaction. Set to the millisecond, at least 1 ms. Only for an outermost
+    /// transaction; a nested one runs under the outer one's.
     ///
     /// To bound a whole closure-form transaction, wrap it in `tokio::time::timeout`:
     /// dropped at the deadline, it is rolled back before its connection is reused (only

@@ -152,7 +152,7 @@ impl TransactionBuilder {
         self
     }
 
-    /// `READ ONLY` (true) or `READ WRITE` (false).
+    /// `READ ONLY` (true) or `READ WRITE` (false) (only for an outermost transaction).
     ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) {
@@ -165,7 +165,7 @@ impl TransactionBuilder {
     }
 
     /// `DEFERRABLE` (true) or `NOT DEFERRABLE` (false); matters for serializable
-    /// read-only transactions.
+    /// read-only transactions (only for an outermost transaction).
     ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) {

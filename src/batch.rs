@@ -85,7 +85,7 @@ impl AsyncBatch {
                 statements.len()
             )));
         };
-        let statement = statement.compile()?;
+        let statement = crate::executor::compile(statement)?;
         let lease = executor.lease().await?;
         let rows = match lease.transaction() {
             Some(tx) => {
@@ -183,7 +183,7 @@ async fn start_stream(lease: &Lease, statement: &CompiledQuery<'_>) -> Result<Ro
                 .await
             {
                 Err(error) if lease.retry_stale(statement.sql(), &error, &mut retried) => {}
-                started => return started,
+                started => return started.map_err(Error::from),
             }
         }
     };

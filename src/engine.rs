@@ -117,7 +117,8 @@ impl PostgresEngine {
     }
 
     /// Opens every connection of the pool up front, so that no query pays for a
-    /// handshake. Calling it again is harmless.
+    /// handshake. Only the missing ones are opened, and connections in use are not
+    /// waited for: calling it again, or while queries run, is harmless.
     ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -126,16 +127,29 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub async fn start_connection_pool(&self) -> Result<()> {
-        // Holding all of them at once makes the pool open every missing one.
+        // Holding every idle connection and as many new ones as are missing makes the
+        // pool open the missing ones; none of these takes waits for a busy connection.
         let pool = &self.shared.pool;
-        let all = pool.status().max_size;
-        let held = futures::future::try_join_all((0..all).map(|_| pool.get())).await?;
-        drop(held);
-        Ok(())
+        let status = pool.status();
+        let free = status.available + status.max_size.saturating_sub(status.size);
+        let held = futures::future::join_all((0..free).map(|_| pool.get_free())).await;
+        let mut first_error = None;
+        for taken in held {
+            if let Err(error) = taken {
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            Some(error) if error.kind() != ErrorKind::PoolTimeout => Err(error),
+            _ => Ok(()),
+        }
     }
 
-    /// Closes the pool: new queries fail at once with [`ErrorKind::Closed`]; this waits
-    /// until the connections in use have come back, then all are closed. Closing is
+    /// Closes the pool: new queries fail at once with [`ErrorKind::Closed`], and idle
+    /// connections are closed. Connections in use are not interrupted: a transaction
+    /// open now may still commit, and its connection is closed when it comes back. This
+    /// waits for them to come back at most the pool's wait timeout (30 s by default),
+    /// so a caller that holds a transaction itself does not wait forever. Closing is
     /// final: build a new engine to connect again. Calling it twice is harmless.
     ///
     /// ```no_run
@@ -150,7 +164,13 @@ impl PostgresEngine {
         for pool in pools {
             pool.close();
         }
-        while pools.iter().any(|pool| pool.status().size > 0) {
+        let bound = self
+            .shared
+            .settings
+            .pool_wait_timeout
+            .unwrap_or(Duration::from_secs(30));
+        let deadline = Instant::now() + bound;
+        while pools.iter().any(|pool| pool.status().size > 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -345,6 +365,35 @@ impl EngineShared {
         self.observe(sql, &[], request, |_| None).await
     }
 
+    /// Commits the transaction open on `connection`. The `SELECT 1` sent ahead of the
+    /// `COMMIT` makes an aborted transaction an error (`25P02`), where a bare `COMMIT`
+    /// would answer `ROLLBACK` without one; the transaction is then rolled back. A
+    /// connection that fails meanwhile is [`ErrorKind::CommitOutcomeUnknown`].
+    pub(crate) async fn commit(&self, connection: &Connection) -> Result<()> {
+        match self.simple(connection, CHECKED_COMMIT).await {
+            Ok(()) => {
+                connection.set_in_transaction(false);
+                Ok(())
+            }
+            Err(error) if error.is_connection_failure() => Err(error.during_commit()),
+            Err(error) => {
+                // Either statement may have failed; a ROLLBACK ends what is left (with a
+                // warning only when the COMMIT did end the transaction).
+                let _ = self.rollback(connection).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Rolls back the transaction open on `connection`.
+    pub(crate) async fn rollback(&self, connection: &Connection) -> Result<()> {
+        let result = self.simple(connection, "ROLLBACK").await;
+        if result.is_ok() {
+            connection.set_in_transaction(false);
+        }
+        result
+    }
+
     /// A connection for `run_sync`, from the pool that pgengine's own runtime drives.
     pub(crate) async fn sync_lease(self: &Arc<Self>) -> Result<Lease> {
         let connection = self.sync_pool.get().await?;
@@ -388,6 +437,10 @@ impl EngineShared {
         result
     }
 }
+
+/// The statement that commits a transaction and fails if the transaction was aborted;
+/// see [`EngineShared::commit`].
+pub(crate) const CHECKED_COMMIT: &str = "SELECT 1; COMMIT";
 
 /// One request watched for the query log (target `pgengine::query`): the query event
 /// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).

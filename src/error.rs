@@ -33,8 +33,16 @@ pub enum ErrorKind {
     Closed,
     /// The server answered with an error; see [`Error::database_error`].
     Database,
-    /// An established connection broke (server gone, socket closed).
+    /// An established connection broke: the socket failed or closed, or the server
+    /// ended the session (severity `FATAL`/`PANIC`, SQLSTATE class `08`, `57P01`–`57P03`;
+    /// [`Error::database_error`] then has the server's message). The connection is
+    /// discarded, never handed out again.
     Connection,
+    /// The connection failed while a `COMMIT` was in flight: the transaction may or
+    /// may not have committed, and retrying could apply its work twice. Check on the
+    /// server (for instance with an idempotency key written by the transaction) before
+    /// running it again; a [`RetryPolicy`](crate::RetryPolicy) never re-runs it.
+    CommitOutcomeUnknown,
     /// The driver refused a value or a row (conversion to or from SQL types).
     Driver,
     /// The caller's input is wrong: placeholder and argument counts, identifiers, options.
@@ -317,14 +325,51 @@ impl Error {
             .is_some_and(DatabaseError::is_retryable)
     }
 
-    /// Classifies a driver error met while connecting.
-    pub(crate) fn connect(err: tokio_postgres::Error) -> Self {
-        match err.as_db_error() {
-            Some(_) => Self::from(err),
-            None => {
-                Self::new(ErrorKind::Connect, "could not connect to the server").with_source(err)
-            }
+    /// The connection failed while a `COMMIT` was in flight: see
+    /// [`ErrorKind::CommitOutcomeUnknown`].
+    ///
+    /// ```
+    /// assert!(!pgengine::Error::invalid_input("x").is_outcome_unknown());
+    /// ```
+    pub fn is_outcome_unknown(&self) -> bool {
+        self.0.kind == ErrorKind::CommitOutcomeUnknown
+    }
+
+    /// Whether the connection this error came from is unusable: it failed, or the
+    /// server ended the session. Such a connection is discarded.
+    pub(crate) fn is_connection_failure(&self) -> bool {
+        matches!(
+            self.0.kind,
+            ErrorKind::Connection | ErrorKind::CommitOutcomeUnknown
+        )
+    }
+
+    /// Turns a connection failure met while a `COMMIT` was in flight into
+    /// [`ErrorKind::CommitOutcomeUnknown`]; other errors are kept.
+    pub(crate) fn during_commit(mut self) -> Self {
+        if self.0.kind == ErrorKind::Connection {
+            self.0.kind = ErrorKind::CommitOutcomeUnknown;
+            self.0.message = format!(
+                "the connection failed while COMMIT was in flight, so whether the transaction \
+                 committed is unknown; check on the server before running it again ({})",
+                match &self.0.database {
+                    Some(db) => db.to_string(),
+                    None => std::mem::take(&mut self.0.message),
+                }
+            );
         }
+        self
+    }
+
+    /// Classifies a driver error met while connecting: always [`ErrorKind::Connect`],
+    /// with the server's error (bad password, unknown database) kept.
+    pub(crate) fn connect(err: tokio_postgres::Error) -> Self {
+        let mut error = Self::from(err);
+        if error.0.database.is_none() {
+            error.0.message = "could not connect to the server".into();
+        }
+        error.0.kind = ErrorKind::Connect;
+        error
     }
 }
 
@@ -332,6 +377,9 @@ impl From<tokio_postgres::Error> for Error {
     fn from(err: tokio_postgres::Error) -> Self {
         if let Some(db) = err.as_db_error() {
             let mut error = Self::from_database(DatabaseError::from_db(db));
+            if ends_the_session(db) {
+                error.0.kind = ErrorKind::Connection;
+            }
             error.0.source = Some(Box::new(err));
             return error;
         }
@@ -344,6 +392,16 @@ impl From<tokio_postgres::Error> for Error {
         };
         Self::new(kind, err.to_string()).with_source(err)
     }
+}
+
+/// Whether the server ended the session with this error: severity `FATAL` or `PANIC`,
+/// SQLSTATE class `08` (connection exception), or `57P01`–`57P03` (admin shutdown,
+/// crash shutdown, cannot connect now).
+fn ends_the_session(db: &DbError) -> bool {
+    let code = db.code().code();
+    matches!(db.severity(), "FATAL" | "PANIC")
+        || code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 impl From<deadpool_postgres::PoolError> for Error {
@@ -377,14 +435,23 @@ impl fmt::Display for Error {
         let inner = &self.0;
         match inner.kind {
             ErrorKind::Config => write!(f, "configuration error: {}", inner.message)?,
-            ErrorKind::Connect => write!(f, "connect error: {}", inner.message)?,
+            ErrorKind::Connect => match &inner.database {
+                Some(db) => write!(f, "connect error: {db}")?,
+                None => write!(f, "connect error: {}", inner.message)?,
+            },
             ErrorKind::PoolTimeout => write!(f, "pool timeout: {}", inner.message)?,
             ErrorKind::Closed => write!(f, "closed: {}", inner.message)?,
             ErrorKind::Database => match &inner.database {
                 Some(db) => write!(f, "database error: {db}")?,
                 None => write!(f, "database error: {}", inner.message)?,
             },
-            ErrorKind::Connection => write!(f, "connection error: {}", inner.message)?,
+            ErrorKind::Connection => match &inner.database {
+                Some(db) => write!(f, "connection error: {db}")?,
+                None => write!(f, "connection error: {}", inner.message)?,
+            },
+            ErrorKind::CommitOutcomeUnknown => {
+                write!(f, "commit outcome unknown: {}", inner.message)?
+            }
             ErrorKind::Driver => write!(f, "driver error: {}", inner.message)?,
             ErrorKind::InvalidInput => write!(f, "invalid input: {}", inner.message)?,
             ErrorKind::Transaction => write!(f, "transaction error: {}", inner.message)?,
@@ -397,7 +464,9 @@ impl fmt::Display for Error {
         if let Some(attempts) = inner.attempts {
             write!(f, " [after {attempts} attempts]")?;
         }
-        if let (ErrorKind::Connect, Some(source)) = (inner.kind, &inner.source) {
+        if let (ErrorKind::Connect, Some(source), None) =
+            (inner.kind, &inner.source, &inner.database)
+        {
             write!(f, ": {source}")?;
         }
         Ok(())

@@ -2,6 +2,9 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
+
+use tokio::sync::MutexGuard;
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -12,7 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Outcome, Want};
 use crate::pool::Connection;
 use crate::query::{CompiledQuery, OneOrMany, Query, QueryString};
-use crate::transaction::TxShared;
+use crate::transaction::{RequestPermit, TxShared};
 
 pub(crate) mod sealed {
     /// Only the engine and transactions run queries.
@@ -187,13 +190,42 @@ pub trait Executor: sealed::Sealed + Sync {
 pub(crate) fn compile_all(statements: &[QueryString]) -> Result<OneOrMany<CompiledQuery<'_>>> {
     match statements {
         [] => Err(Error::invalid_input("the query has no statement")),
-        [one] => Ok(OneOrMany::One(one.compile()?)),
+        [one] => Ok(OneOrMany::One(compile(one)?)),
         many => Ok(OneOrMany::Many(
-            many.iter()
-                .map(QueryString::compile)
-                .collect::<Result<_>>()?,
+            many.iter().map(compile).collect::<Result<_>>()?,
         )),
     }
+}
+
+/// The most parameters one statement can carry: the protocol counts them in 16 bits.
+pub const MAX_PARAMETERS: usize = u16::MAX as usize;
+
+/// Compiles one statement, refusing more parameters than the protocol carries.
+pub(crate) fn compile(statement: &QueryString) -> Result<CompiledQuery<'_>> {
+    let compiled = statement.compile()?;
+    let count = compiled.params().len();
+    if count > MAX_PARAMETERS {
+        return Err(Error::invalid_input(format!(
+            "a statement takes at most {MAX_PARAMETERS} parameters (the protocol's limit), \
+             this one has {count}; split it, or pass an array parameter"
+        )));
+    }
+    Ok(compiled)
+}
+
+/// Sends `request` (polls it once) while holding a transaction's `turn`, so that it
+/// reaches the server behind the requests polled before it, then lets the next request
+/// send and waits for the answer. Without a turn, just runs it.
+async fn sent_in_turn<F: Future>(turn: Option<MutexGuard<'_, ()>>, request: F) -> F::Output {
+    let Some(turn) = turn else {
+        return request.await;
+    };
+    let mut request = std::pin::pin!(request);
+    if let Poll::Ready(output) = futures::poll!(request.as_mut()) {
+        return output;
+    }
+    drop(turn);
+    request.await
 }
 
 /// A connection lent for one operation: a pooled one, or the connection of a
@@ -249,12 +281,33 @@ impl Lease {
         self.transaction.as_ref()
     }
 
-    /// Records a failure on the transaction, which PostgreSQL has now aborted.
+    /// Records a failure on the connection (broken, when it failed) and on the
+    /// transaction, which PostgreSQL has now aborted.
     pub(crate) fn noted<T>(&self, result: Result<T>) -> Result<T> {
-        if let (Err(error), Some(transaction)) = (&result, &self.transaction) {
-            transaction.note_failure(error);
+        if let Err(error) = &result {
+            self.connection().note(&result);
+            if let Some(transaction) = &self.transaction {
+                transaction.note_failure(error);
+            }
         }
         result
+    }
+
+    /// Admits one request of the lease's transaction (see [`TxShared::admit`]); outside
+    /// a transaction there is nothing to wait for.
+    pub(crate) async fn admit(&self) -> Result<Option<RequestPermit<'_>>> {
+        match &self.transaction {
+            Some(transaction) => transaction.admit().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The turn to send a request in the lease's transaction, if it has one.
+    pub(crate) async fn turn(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.transaction {
+            Some(transaction) => Some(transaction.turn().await),
+            None => None,
+        }
     }
 
     async fn fetch(&self, statements: &[CompiledQuery<'_>]) -> Result<Vec<Row>> {
@@ -278,7 +331,10 @@ impl Lease {
 
     /// Runs SQL over the simple protocol.
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
-        self.noted(self.engine.simple(self.connection(), sql).await)
+        let _permit = self.admit().await?;
+        let turn = self.turn().await;
+        let result = sent_in_turn(turn, self.engine.simple(self.connection(), sql)).await;
+        self.noted(result)
     }
 
     /// One statement with its rows, prepared once per connection (statement cache).
@@ -312,10 +368,11 @@ impl Lease {
         params: &[&(dyn ToSql + Sync)],
         want_rows: bool,
     ) -> Result<Outcome> {
+        let _permit = self.admit().await?;
         let watch = self.engine.watch(sql, params);
         let request = self.connection().request();
         let result = self.run_prepared(sql, params, want_rows).await;
-        request.finish();
+        request.finish(&result);
         if let Some(watch) = watch {
             watch.report(&result, |outcome| Some(outcome.count() as usize));
         }
@@ -338,13 +395,18 @@ impl Lease {
         let client = self.connection().client();
         let mut retried = false;
         loop {
+            // Inside a transaction, a statement not yet prepared is prepared and sent in
+            // one turn, so no later request overtakes it.
+            let turn = self.turn().await;
             let prepared = client.prepare_cached(sql).await?;
-            let answer = if want_rows {
-                client.query(&prepared, params).await.map(Outcome::Rows)
-            } else {
-                client.execute(&prepared, params).await.map(Outcome::Count)
+            let request = async {
+                if want_rows {
+                    client.query(&prepared, params).await.map(Outcome::Rows)
+                } else {
+                    client.execute(&prepared, params).await.map(Outcome::Count)
+                }
             };
-            match answer {
+            match sent_in_turn(turn, request).await {
                 Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
                 answer => return answer.map_err(Error::from),
             }
@@ -377,6 +439,7 @@ impl Lease {
 
     /// A `FETCH` from a cursor: not prepared (one round trip, nothing cached).
     pub(crate) async fn fetch_cursor(&self, sql: &str) -> Result<Vec<Row>> {
+        let _permit = self.admit().await?;
         let connection = self.connection();
         let request = connection.guarded(async {
             connection
@@ -385,10 +448,10 @@ impl Lease {
                 .await
                 .map_err(Error::from)
         });
-        let result = self
+        let observed = self
             .engine
-            .observe(sql, &[], request, |rows| Some(rows.len()))
-            .await;
+            .observe(sql, &[], request, |rows| Some(rows.len()));
+        let result = sent_in_turn(self.turn().await, observed).await;
         self.noted(result)
     }
 }

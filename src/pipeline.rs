@@ -14,6 +14,7 @@ use futures::stream::FuturesUnordered;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::engine::CHECKED_COMMIT;
 use crate::error::{Error, Result};
 use crate::executor::Lease;
 use crate::query::CompiledQuery;
@@ -73,6 +74,9 @@ pub(crate) async fn run(
     if own_transaction {
         prepare_ahead(lease, statements).await;
     }
+    // In a transaction, the bundle is one request: admitted, and sent in one turn.
+    let _permit = lease.admit().await?;
+    let _turn = lease.turn().await;
     let connection = lease.connection();
     let result = connection
         .guarded(run_in_order(lease, statements, want, own_transaction))
@@ -93,9 +97,8 @@ async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
     texts.sort_unstable();
     texts.dedup();
     let prepares = texts.into_iter().map(|sql| client.prepare_cached(sql));
-    connection
-        .guarded(futures::future::join_all(prepares))
-        .await;
+    let prepared = connection.guarded(async { Ok(futures::future::join_all(prepares).await) });
+    let _ = prepared.await;
 }
 
 async fn run_in_order(
@@ -153,9 +156,9 @@ async fn run_in_order(
             break; // the transaction is aborted: sending more is wasted
         }
     }
+    let failed = failed_prepare.is_some() || pipe.any_failed();
     if own_transaction {
-        let failed = failed_prepare.is_some() || pipe.any_failed();
-        let end = if failed { "ROLLBACK" } else { "COMMIT" };
+        let end = if failed { "ROLLBACK" } else { CHECKED_COMMIT };
         pipe.send(Box::pin(simple(lease, end))).await;
     }
 
@@ -163,15 +166,20 @@ async fn run_in_order(
     let mut end = None;
     if own_transaction {
         let end_answer = answers.pop().expect("COMMIT or ROLLBACK was sent");
-        // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an
-        // error. (BEGIN cannot fail on a healthy idle session; on a broken one nothing runs.)
-        let server_answered = match &end_answer {
-            Ok(_) => true,
-            Err(error) => error.database_error().is_some(),
+        let end_answer = match end_answer {
+            Ok(_) => {
+                connection.set_in_transaction(false);
+                Ok(())
+            }
+            Err(error) if error.is_connection_failure() && !failed => Err(error.during_commit()),
+            Err(error) if error.is_connection_failure() => Err(error),
+            Err(error) => {
+                // An aborted transaction (its COMMIT refused) or a COMMIT that failed:
+                // a ROLLBACK ends what is left.
+                let _ = lease.engine().rollback(connection).await;
+                Err(error)
+            }
         };
-        if server_answered {
-            connection.set_in_transaction(false);
-        }
         answers.remove(0)?; // BEGIN
         end = Some(end_answer);
     }

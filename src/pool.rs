@@ -1,8 +1,10 @@
 //! The connection pool (deadpool-postgres) and the hygiene of each pooled connection.
 //!
-//! A [`Connection`] knows whether it is inside a transaction and whether a request on it
-//! was abandoned (its future dropped before the answer came). When it goes back, a clean
-//! connection returns to the pool as is; one left inside a transaction is rolled back
+//! A [`Connection`] knows whether it is inside a transaction, whether a request on it
+//! was abandoned (its future dropped before the answer came), and whether it is broken
+//! (a request met a connection failure, or the server ended the session with `FATAL`).
+//! When it goes back, a clean connection returns to the pool as is; a broken one is
+//! discarded, never handed out again; one left inside a transaction is rolled back
 //! first; one with an abandoned request has that request cancelled first. Where any of
 //! that fails, the connection is discarded. The pool slot stays taken until that is
 //! done, so the next user never sees a dirty session.
@@ -62,12 +64,28 @@ impl ConnectionPool {
             Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await?,
             taken => taken?,
         };
-        Ok(Connection {
+        Ok(self.wrap(object))
+    }
+
+    /// Takes an idle connection or opens a new one, without waiting for a busy one: a
+    /// [`PoolTimeout`](ErrorKind::PoolTimeout) error when every connection is in use.
+    pub(crate) async fn get_free(&self) -> Result<Connection> {
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            ..self.pool.timeouts()
+        };
+        let object = self.pool.timeout_get(&at_once).await?;
+        Ok(self.wrap(object))
+    }
+
+    fn wrap(&self, object: Object) -> Connection {
+        Connection {
             object: Some(object),
             canceller: self.canceller.clone(),
             in_transaction: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
-        })
+            broken: AtomicBool::new(false),
+        }
     }
 
     /// Connections open, idle, waited for.
@@ -88,6 +106,7 @@ pub(crate) struct Connection {
     canceller: Arc<Canceller>,
     in_transaction: AtomicBool,
     unfinished: AtomicBool,
+    broken: AtomicBool,
 }
 
 impl Connection {
@@ -127,38 +146,52 @@ impl Connection {
     /// request is cancelled before the connection is reused.
     pub(crate) fn request(&self) -> RequestGuard<'_> {
         RequestGuard {
-            unfinished: &self.unfinished,
+            connection: self,
             finished: false,
         }
     }
 
     /// Runs `request` under a [`RequestGuard`].
-    pub(crate) async fn guarded<F: Future>(&self, request: F) -> F::Output {
+    pub(crate) async fn guarded<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
         let guard = self.request();
         let output = request.await;
-        guard.finish();
+        guard.finish(&output);
         output
+    }
+
+    /// Records the outcome of a request: after a connection failure (or a session the
+    /// server ended), the connection is broken and will be discarded.
+    pub(crate) fn note<T>(&self, result: &Result<T>) {
+        if result.as_ref().is_err_and(Error::is_connection_failure) {
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a request met a connection failure: nothing more should be sent.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire) || self.client().is_closed()
     }
 }
 
 /// Marks the connection as having an unfinished request unless the request it guards
 /// finished.
 pub(crate) struct RequestGuard<'a> {
-    unfinished: &'a AtomicBool,
+    connection: &'a Connection,
     finished: bool,
 }
 
 impl RequestGuard<'_> {
     /// The request got its answer.
-    pub(crate) fn finish(mut self) {
+    pub(crate) fn finish<T>(mut self, result: &Result<T>) {
         self.finished = true;
+        self.connection.note(result);
     }
 }
 
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.unfinished.store(true, Ordering::Release);
+            self.connection.unfinished.store(true, Ordering::Release);
         }
     }
 }
@@ -170,7 +203,8 @@ impl Drop for Connection {
         };
         let unfinished = self.unfinished.load(Ordering::Acquire);
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
-        if object.is_closed() {
+        if self.broken.load(Ordering::Acquire) || object.is_closed() {
+            tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
             drop(Object::take(object));
             return;
         }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::sync::{OwnedMutexGuard, RwLock, RwLockReadGuard};
 
 use crate::engine::PostgresEngine;
 use crate::error::{DatabaseError, Error, ErrorKind, Result};
@@ -181,7 +182,8 @@ impl TransactionBuilder {
     /// The longest any one statement of the transaction may run: the server cancels a
     /// statement past it (SQLSTATE 57014), which aborts the transaction. Sent with the
     /// `BEGIN` (`SET LOCAL statement_timeout`, no extra round trip); it ends with the
-    /// transaction. Set to the millisecond, at least 1 ms. Only for an outermost
+    /// transaction. Rounded up to the millisecond; `Duration::ZERO` means no timeout
+    /// (as 0 does in PostgreSQL), even where the server sets one. Only for an outermost
     /// transaction; a nested one runs under the outer one's.
     ///
     /// To bound a whole closure-form transaction, wrap it in `tokio::time::timeout`:
@@ -229,8 +231,8 @@ impl TransactionBuilder {
     /// # Ok(()) }
     /// ```
     pub async fn begin(self) -> Result<PostgresTransaction> {
-        match ambient::current(self.engine.shared.id) {
-            Some(outer) => self.enter_nested(outer).await,
+        match ambient::current_scope(self.engine.shared.id) {
+            Some(outer) => self.enter_nested(outer, Wait::Refuse).await,
             None => self.begin_outermost().await,
         }
     }
@@ -240,8 +242,23 @@ impl TransactionBuilder {
     /// inside `body`, on this task, run in the transaction too.
     ///
     /// With a [`retry`](Self::retry) policy, `body` runs again after a serialization
-    /// failure or a deadlock (met by a query or by the `COMMIT`); when the attempts run
-    /// out, the error is that database error with [`Error::attempts`] set.
+    /// failure or a deadlock (met by a query, by the implicit `COMMIT` or by a
+    /// `tx.commit()` inside the body); when the attempts run out, the error is that
+    /// database error with [`Error::attempts`] set. A commit whose outcome is unknown
+    /// ([`ErrorKind::CommitOutcomeUnknown`]) is never retried.
+    ///
+    /// The body may finish the transaction itself: after `tx.commit()` or
+    /// `tx.rollback()`, queries on it are errors, and `run` returns the body's value —
+    /// unless that commit failed, which `run` then reports even if the body swallowed it.
+    ///
+    /// Nested (inside another transaction's body, on the same task), the
+    /// [`nested`](Self::nested) policy applies. Nested [`Nested::Savepoint`]
+    /// transactions of one scope run one at a time, in the order they were started (a
+    /// second one waits for the first): PostgreSQL's savepoints form a stack, and
+    /// siblings interleaved on it could undo each other's work. A nested savepoint
+    /// transaction whose body met a database error is rolled back to its savepoint even
+    /// when the body swallowed the error, and `run` then returns an
+    /// [`ErrorKind::Transaction`] error; the outer transaction goes on.
     ///
     /// The returned future is `Send` when the closure's is. To `tokio::spawn` it, make
     /// the closure own what it uses (`async move |tx| …` over clones): with a closure
@@ -264,8 +281,8 @@ impl TransactionBuilder {
         F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
-        if let Some(outer) = ambient::current(self.engine.shared.id) {
-            return self.run_nested(outer, body).await;
+        if let Some(outer) = ambient::current_scope(self.engine.shared.id) {
+            return Box::pin(self.run_nested(outer, body)).await;
         }
         let engine_id = self.engine.shared.id;
         let mut attempt = 1;
@@ -274,33 +291,38 @@ impl TransactionBuilder {
             // Boxed: the body's future is large, and this one would copy it whole at
             // each move; a box is moved as a pointer.
             let body = Box::pin(AssertUnwindSafe(body(&tx)).catch_unwind());
-            let outcome = ambient::scope(engine_id, tx.shared.clone(), body).await;
+            let scope = ambient::Scope::new(tx.shared.clone());
+            let outcome = ambient::scope(engine_id, scope, body).await;
             let retryable = match outcome {
                 Err(panic) => {
                     let _ = tx.finish_if_active(Finish::Rollback).await;
                     std::panic::resume_unwind(panic)
                 }
-                Ok(Ok(value)) => {
-                    // A serialization failure or deadlock that the body swallowed still
-                    // aborted the transaction (its COMMIT then fails): retry for it too.
-                    let cause = tx.shared.lock().retryable.clone();
-                    match (tx.finish_if_active(Finish::Commit).await, cause) {
-                        (Ok(()), _) => return Ok(value),
-                        (Err(error), _) if error.is_retryable() && self.retry.is_some() => error,
-                        (Err(_), Some(cause)) if self.retry.is_some() => {
-                            Error::from_database(cause)
-                        }
-                        (Err(error), _) => return Err(error.into()),
-                    }
-                }
+                Ok(Ok(value)) => match tx.finish_if_active(Finish::Commit).await {
+                    Ok(()) => match tx.shared.failed_commit() {
+                        // The body committed itself, and that commit failed.
+                        Some(error) => error,
+                        None => return Ok(value),
+                    },
+                    Err(error) => error,
+                },
                 Ok(Err(error)) => {
-                    let cause = tx.shared.lock().retryable.clone();
                     let _ = tx.finish_if_active(Finish::Rollback).await;
-                    match (cause, self.retry) {
-                        (Some(cause), Some(_)) => Error::from_database(cause),
+                    match tx.shared.retryable_cause() {
+                        Some(cause) if self.retry.is_some() => Error::from_database(cause),
                         _ => return Err(error),
                     }
                 }
+            };
+            // A serialization failure or deadlock that the body swallowed still aborted
+            // the transaction: retry for it too.
+            let retryable = match (retryable, tx.shared.retryable_cause()) {
+                (error, _) if error.is_outcome_unknown() || self.retry.is_none() => {
+                    return Err(error.into());
+                }
+                (error, _) if error.is_retryable() => error,
+                (_, Some(cause)) => Error::from_database(cause),
+                (error, None) => return Err(error.into()),
             };
             let policy = self.retry.expect("only retried with a policy");
             if attempt >= policy.max_attempts() {
@@ -314,18 +336,22 @@ impl TransactionBuilder {
 
     async fn run_nested<T, E, F>(
         self,
-        outer: Arc<TxShared>,
+        outer: ambient::Scope,
         mut body: F,
     ) -> std::result::Result<T, E>
     where
         F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
-        let tx = self.enter_nested(outer).await?;
+        let tx = self.enter_nested(outer, Wait::Queue).await?;
         if !matches!(tx.scope, Scope::Savepoint { .. }) {
             return body(&tx).await;
         }
-        match AssertUnwindSafe(body(&tx)).catch_unwind().await {
+        // The nested scope is ambient for the body: transactions nested in it queue on
+        // it, not on the outer scope (which this one holds).
+        let scope = ambient::Scope::new(tx.shared.clone());
+        let body = Box::pin(AssertUnwindSafe(body(&tx)).catch_unwind());
+        match ambient::scope(self.engine.shared.id, scope, body).await {
             Ok(Ok(value)) => {
                 tx.finish_if_active(Finish::Commit).await?;
                 Ok(value)
@@ -341,22 +367,35 @@ impl TransactionBuilder {
         }
     }
 
-    async fn enter_nested(&self, outer: Arc<TxShared>) -> Result<PostgresTransaction> {
+    async fn enter_nested(&self, outer: ambient::Scope, wait: Wait) -> Result<PostgresTransaction> {
         match self.nested {
-            Nested::Join => Ok(PostgresTransaction::joined(outer)),
+            Nested::Join => Ok(PostgresTransaction::joined(outer.transaction)),
             Nested::Forbid => Err(Error::transaction(
                 "a transaction of this engine is already running on this task, and this one \
                  forbids nesting (allow_nested(false) / Nested::Forbid)",
             )),
             Nested::Savepoint => {
-                let savepoint = PostgresTransaction::joined(outer.clone())
+                let turn = match wait {
+                    Wait::Queue => outer.nested_turn.lock_owned().await,
+                    Wait::Refuse => outer.nested_turn.try_lock_owned().map_err(|_| {
+                        Error::transaction(
+                            "another nested transaction of this scope is still open: finish it \
+                             first (nested savepoint transactions of one scope run one at a time)",
+                        )
+                    })?,
+                };
+                let savepoint = PostgresTransaction::joined(outer.transaction.clone())
                     .savepoint(None)
                     .await?;
+                let name = savepoint.name().to_owned();
+                let sequence = outer.transaction.savepoint_sequence(&name);
                 Ok(PostgresTransaction {
-                    shared: outer,
+                    shared: outer.transaction,
                     scope: Scope::Savepoint {
-                        name: savepoint.name().to_owned(),
+                        name,
+                        sequence,
                         finished: AtomicBool::new(false),
+                        turn: Mutex::new(Some(turn)),
                     },
                 })
             }
@@ -370,17 +409,7 @@ impl TransactionBuilder {
         connection.set_in_transaction(true);
         engine.simple(&connection, &self.begin_sql()).await?;
         Ok(PostgresTransaction {
-            shared: Arc::new(TxShared {
-                engine: self.engine.clone(),
-                state: Mutex::new(TxState {
-                    connection: Some(Arc::new(connection)),
-                    phase: Phase::Active,
-                    aborted_by: None,
-                    retryable: None,
-                }),
-                savepoint_ids: AtomicU32::new(0),
-                cursor_ids: AtomicU32::new(0),
-            }),
+            shared: Arc::new(TxShared::new(self.engine.clone(), connection)),
             scope: Scope::Outermost,
         })
     }
@@ -409,15 +438,22 @@ impl TransactionBuilder {
         match self.statement_timeout {
             None => begin,
             Some(timeout) => {
-                // PostgreSQL takes whole milliseconds up to i32::MAX; 0 would mean none.
-                let millis = timeout
-                    .as_nanos()
-                    .div_ceil(1_000_000)
-                    .clamp(1, i32::MAX as u128);
+                // PostgreSQL takes whole milliseconds up to i32::MAX; 0 means none.
+                let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
                 Cow::Owned(format!("{begin}; SET LOCAL statement_timeout = {millis}"))
             }
         }
     }
+}
+
+/// Whether entering a nested savepoint transaction waits for an open sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The closure form: queue behind the sibling.
+    Queue,
+    /// The guard form: a sibling open on the same scope is an error (waiting for it
+    /// could wait forever on this very task).
+    Refuse,
 }
 
 /// A transaction: run queries on it ([`Executor`]), make savepoints, commit or roll back.
@@ -426,6 +462,12 @@ impl TransactionBuilder {
 /// [`run`](TransactionBuilder::run) closure) owns the transaction: dropped while still
 /// open, the transaction is rolled back before its connection serves anyone else. After
 /// `commit` or `rollback`, every query on it is an [`ErrorKind::Transaction`] error.
+///
+/// Queries of one transaction may run concurrently (`tokio::join!`): they reach the
+/// server in the order their futures were first polled, pipelined on its connection.
+/// Finishing — `commit`, `rollback`, a savepoint's `release` or `rollback_to` — waits
+/// for the queries still in flight, and from the moment `commit` or `rollback` is first
+/// polled no new query is accepted.
 ///
 /// ```no_run
 /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -446,8 +488,14 @@ enum Scope {
     Outermost,
     /// A handle on a transaction owned elsewhere (joined nesting, `current_transaction`).
     Joined,
-    /// A nested transaction kept as a savepoint.
-    Savepoint { name: String, finished: AtomicBool },
+    /// A nested transaction kept as a savepoint; it holds its scope's turn for nested
+    /// transactions until finished or dropped.
+    Savepoint {
+        name: String,
+        sequence: u64,
+        finished: AtomicBool,
+        turn: Mutex<Option<OwnedMutexGuard<()>>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,9 +513,12 @@ impl PostgresTransaction {
     }
 
     /// Commits. Fails, rolling back, when PostgreSQL already aborted the transaction
-    /// (a statement failed): nothing is saved then, and the error says so. On a nested
-    /// savepoint handle, releases the savepoint; on a joined handle, commits the
-    /// outer transaction (as the seed does).
+    /// (a statement failed): nothing is saved then, and the error says so. When the
+    /// connection fails while the `COMMIT` is in flight, the error is
+    /// [`ErrorKind::CommitOutcomeUnknown`]: it may or may not have committed. On a
+    /// nested savepoint handle, releases the savepoint (rolling back to it first if
+    /// its work met an error); on a joined handle, commits the outer transaction (as
+    /// the seed does).
     ///
     /// ```no_run
     /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
@@ -490,7 +541,8 @@ impl PostgresTransaction {
         self.finish(Finish::Rollback).await
     }
 
-    /// Whether the transaction is still open (neither committed nor rolled back).
+    /// Whether the transaction is still open (neither committed nor rolled back, nor
+    /// being so).
     ///
     /// ```no_run
     /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
@@ -526,15 +578,16 @@ impl PostgresTransaction {
             ),
         };
         let quoted = quote_identifier(&name)?;
-        self.lease()
-            .await?
-            .simple(&format!("SAVEPOINT {quoted}"))
-            .await?;
+        let lease = self.lease().await?;
+        lease.simple(&format!("SAVEPOINT {quoted}")).await?;
+        self.shared.lock().savepoint_made(&name);
         Ok(Savepoint::new(Self::joined(self.shared.clone()), name))
     }
 
     /// Rolls back to the named savepoint: undoes what was done since, and makes an
-    /// aborted transaction usable again.
+    /// aborted transaction usable again. It waits for the transaction's queries still
+    /// in flight. An abort left by a nested transaction that was dropped half-way is
+    /// only cleared by rolling back to a savepoint made before its work.
     ///
     /// ```no_run
     /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
@@ -544,40 +597,72 @@ impl PostgresTransaction {
     /// ```
     pub async fn rollback_to(&self, name: &str) -> Result<()> {
         let quoted = quote_identifier(name)?;
-        self.lease()
-            .await?
-            .simple(&format!("ROLLBACK TO SAVEPOINT {quoted}"))
+        self.check_scope_open()?;
+        self.shared
+            .run_exclusive(&format!("ROLLBACK TO SAVEPOINT {quoted}"))
             .await?;
-        let mut state = self.shared.lock();
-        state.aborted_by = None;
-        state.retryable = None;
+        self.shared.lock().rolled_back_to(name);
         Ok(())
     }
 
+    /// Releases the named savepoint, once the queries in flight are answered.
     pub(crate) async fn release_savepoint(&self, name: &str) -> Result<()> {
         let quoted = quote_identifier(name)?;
-        self.lease()
-            .await?
-            .simple(&format!("RELEASE SAVEPOINT {quoted}"))
-            .await
+        self.check_scope_open()?;
+        self.shared
+            .run_exclusive(&format!("RELEASE SAVEPOINT {quoted}"))
+            .await?;
+        self.shared.lock().released(name);
+        Ok(())
+    }
+
+    fn check_scope_open(&self) -> Result<()> {
+        match &self.scope {
+            Scope::Savepoint { name, finished, .. } if finished.load(Ordering::Acquire) => {
+                Err(Error::transaction(format!(
+                    "the nested transaction (savepoint {name}) is finished"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn finish(&self, finish: Finish) -> Result<()> {
         match &self.scope {
             Scope::Outermost | Scope::Joined => self.shared.finish(finish).await,
-            Scope::Savepoint { name, finished } => {
+            Scope::Savepoint {
+                name,
+                finished,
+                turn,
+                ..
+            } => {
                 if finished.swap(true, Ordering::AcqRel) {
                     return Err(Error::transaction(format!(
                         "the nested transaction (savepoint {name}) is already finished"
                     )));
                 }
+                // The next nested transaction of the outer scope may start once this
+                // one's savepoint is gone.
+                let _turn = turn
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take();
                 // This scope is finished from here on, so its own `lease` refuses: the
                 // closing statements go through a handle on the whole transaction.
                 let transaction = Self::joined(self.shared.clone());
-                if finish == Finish::Rollback {
+                let failure = self.shared.abort_cause();
+                if finish == Finish::Rollback || failure.is_some() {
                     transaction.rollback_to(name).await?;
                 }
-                transaction.release_savepoint(name).await
+                transaction.release_savepoint(name).await?;
+                match (finish, failure) {
+                    (Finish::Commit, Some(cause)) => Err(Error::transaction(format!(
+                        "the nested transaction (savepoint {name}) met an error, so it was \
+                         rolled back to its savepoint and its work was not kept; the outer \
+                         transaction goes on (error: {cause})"
+                    ))),
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -596,15 +681,22 @@ impl Drop for PostgresTransaction {
     fn drop(&mut self) {
         match &self.scope {
             Scope::Outermost => self.shared.abandon(),
-            Scope::Savepoint { name, finished } if !finished.load(Ordering::Acquire) => {
+            Scope::Savepoint {
+                name,
+                sequence,
+                finished,
+                ..
+            } if !finished.load(Ordering::Acquire) => {
                 // Nothing can be sent from here; make sure the outer transaction cannot
-                // commit work this nested one left half done.
-                let mut state = self.shared.lock();
-                if state.phase == Phase::Active {
-                    state.aborted_by.get_or_insert_with(|| {
-                        format!("the nested transaction (savepoint {name}) was dropped without commit or rollback")
-                    });
-                }
+                // commit work this nested one left half done, until it is rolled back
+                // to this savepoint or an earlier one.
+                self.shared.lock().mark_aborted(
+                    format!(
+                        "the nested transaction (savepoint {name}) was dropped without commit \
+                         or rollback"
+                    ),
+                    *sequence,
+                );
             }
             _ => {}
         }
@@ -629,13 +721,7 @@ impl sealed::Sealed for PostgresTransaction {}
 
 impl Executor for PostgresTransaction {
     async fn lease(&self) -> Result<Lease> {
-        if let Scope::Savepoint { name, finished } = &self.scope {
-            if finished.load(Ordering::Acquire) {
-                return Err(Error::transaction(format!(
-                    "the nested transaction (savepoint {name}) is finished"
-                )));
-            }
-        }
+        self.check_scope_open()?;
         self.shared.lease()
     }
 }
@@ -644,6 +730,12 @@ impl Executor for PostgresTransaction {
 pub(crate) struct TxShared {
     engine: PostgresEngine,
     state: Mutex<TxState>,
+    /// Each request in flight holds it shared; finishing holds it exclusively, so it
+    /// waits for them, and requests that come later wait for it.
+    gate: RwLock<()>,
+    /// Held while a request is being sent, so that requests reach the server in the
+    /// order they were first polled.
+    turn: tokio::sync::Mutex<()>,
     savepoint_ids: AtomicU32,
     cursor_ids: AtomicU32,
 }
@@ -653,20 +745,50 @@ struct TxState {
     /// once the last request still using it is done.
     connection: Option<Arc<Connection>>,
     phase: Phase,
-    /// Why PostgreSQL aborted the transaction, if it did: it can then only roll back.
-    aborted_by: Option<String>,
+    /// Why the transaction can only roll back, if it can: each with the latest
+    /// savepoint (by sequence) that a `ROLLBACK TO` may target to clear it.
+    aborted: Vec<(String, u64)>,
     /// The serialization failure or deadlock that aborted it, for retrying.
     retryable: Option<DatabaseError>,
+    /// A `commit()` that failed, as said to its caller.
+    failed_commit: Option<String>,
+    /// The savepoints PostgreSQL has open, oldest first, with their sequence numbers.
+    savepoints: Vec<(String, u64)>,
+    next_sequence: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Active,
+    /// `commit` or `rollback` began: no request is admitted any more.
+    Finishing(Finish),
     Committed,
     RolledBack,
 }
 
+/// Permits one request of a transaction: held until its answer came.
+pub(crate) type RequestPermit<'a> = RwLockReadGuard<'a, ()>;
+
 impl TxShared {
+    fn new(engine: PostgresEngine, connection: Connection) -> Self {
+        Self {
+            engine,
+            state: Mutex::new(TxState {
+                connection: Some(Arc::new(connection)),
+                phase: Phase::Active,
+                aborted: Vec::new(),
+                retryable: None,
+                failed_commit: None,
+                savepoints: Vec::new(),
+                next_sequence: 0,
+            }),
+            gate: RwLock::new(()),
+            turn: tokio::sync::Mutex::new(()),
+            savepoint_ids: AtomicU32::new(0),
+            cursor_ids: AtomicU32::new(0),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, TxState> {
         self.state
             .lock()
@@ -686,6 +808,21 @@ impl TxShared {
         }
     }
 
+    /// Admits one request: waits while the transaction is being finished by someone
+    /// else, and refuses once it is finishing or finished.
+    pub(crate) async fn admit(&self) -> Result<RequestPermit<'_>> {
+        let permit = self.gate.read().await;
+        match self.lock().phase {
+            Phase::Active => Ok(permit),
+            phase => Err(finished_error(phase)),
+        }
+    }
+
+    /// The turn to send a request; see [`TxShared::turn`].
+    pub(crate) async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
+    }
+
     /// A fresh cursor name, unique within this transaction.
     pub(crate) fn next_cursor_name(&self) -> String {
         let id = self.cursor_ids.fetch_add(1, Ordering::Relaxed) + 1;
@@ -694,24 +831,80 @@ impl TxShared {
 
     /// Records a failure met inside the transaction: PostgreSQL has aborted it.
     pub(crate) fn note_failure(&self, error: &Error) {
-        if !matches!(error.kind(), ErrorKind::Database | ErrorKind::Connection) {
+        if error.database_error().is_none() && !error.is_connection_failure() {
             return; // refused before anything reached the server
         }
         let mut state = self.lock();
-        state.aborted_by.get_or_insert_with(|| error.to_string());
+        state.mark_aborted(error.to_string(), u64::MAX);
         if let Some(db) = error.database_error().filter(|db| db.is_retryable()) {
             state.retryable.get_or_insert_with(|| db.clone());
         }
     }
 
-    /// Commits or rolls back, then lets the connection go back to the pool.
+    /// Why the transaction can only roll back, if it can.
+    fn abort_cause(&self) -> Option<String> {
+        self.lock().aborted.first().map(|(cause, _)| cause.clone())
+    }
+
+    /// The serialization failure or deadlock that aborted the transaction, if one did.
+    fn retryable_cause(&self) -> Option<DatabaseError> {
+        self.lock().retryable.clone()
+    }
+
+    /// The failure of a `commit()` the body made itself, if it failed.
+    fn failed_commit(&self) -> Option<Error> {
+        let state = self.lock();
+        let message = state.failed_commit.as_ref()?;
+        Some(match &state.retryable {
+            Some(db) => Error::from_database(db.clone()),
+            None => Error::transaction(format!(
+                "the transaction's commit failed (the body went on and returned Ok): {message}"
+            )),
+        })
+    }
+
+    /// The sequence number of the latest savepoint named `name`.
+    fn savepoint_sequence(&self, name: &str) -> u64 {
+        let state = self.lock();
+        state
+            .savepoints
+            .iter()
+            .rev()
+            .find(|(open, _)| open == name)
+            .map_or(u64::MAX, |(_, sequence)| *sequence)
+    }
+
+    /// Runs a statement that ends part of the transaction (`RELEASE` or `ROLLBACK TO`
+    /// a savepoint) once the requests in flight are answered.
+    async fn run_exclusive(&self, sql: &str) -> Result<()> {
+        let _exclusive = self.gate.write().await;
+        let connection = {
+            let state = self.lock();
+            match (&state.connection, state.phase) {
+                (Some(connection), Phase::Active) => connection.clone(),
+                (_, phase) => return Err(finished_error(phase)),
+            }
+        };
+        let result = self.engine.shared.simple(&connection, sql).await;
+        if let Err(error) = &result {
+            self.note_failure(error);
+        }
+        result
+    }
+
+    /// Commits or rolls back once the requests in flight are answered (none is
+    /// admitted from the start), then lets the connection go back to the pool.
     async fn finish(&self, finish: Finish) -> Result<()> {
-        let (connection, aborted_by) = {
+        {
             let mut state = self.lock();
             if state.phase != Phase::Active {
                 return Err(finished_error(state.phase));
             }
-            state.phase = Phase::RolledBack;
+            state.phase = Phase::Finishing(finish);
+        }
+        let _exclusive = self.gate.write().await;
+        let (connection, aborted_by) = {
+            let mut state = self.lock();
             let connection = state
                 .connection
                 .take()
@@ -721,43 +914,82 @@ impl TxShared {
                  answer came, so its outcome is unknown"
                     .to_owned()
             });
-            (connection, state.aborted_by.clone().or(abandoned))
+            let cause = state.aborted.first().map(|(cause, _)| cause.clone());
+            (connection, cause.or(abandoned))
         };
-        let sql = match (finish, &aborted_by) {
-            (Finish::Commit, None) => "COMMIT",
-            _ => "ROLLBACK",
+        let result = self.end(&connection, finish, aborted_by).await;
+        let mut state = self.lock();
+        state.phase = match (finish, &result) {
+            (Finish::Commit, Ok(())) => Phase::Committed,
+            _ => Phase::RolledBack,
+        };
+        if let (Finish::Commit, Err(error)) = (finish, &result) {
+            state.failed_commit = Some(error.to_string());
+            if let Some(db) = error.database_error().filter(|db| db.is_retryable()) {
+                state.retryable.get_or_insert_with(|| db.clone());
+            }
+        }
+        result
+    }
+
+    /// Sends the end of the transaction on its connection.
+    async fn end(
+        &self,
+        connection: &Connection,
+        finish: Finish,
+        aborted_by: Option<String>,
+    ) -> Result<()> {
+        let refused = |cause: String| {
+            Error::transaction(format!(
+                "cannot commit: an earlier error aborted the transaction, so it was rolled back \
+                 and nothing was saved (first error: {cause})"
+            ))
         };
         // An abandoned request may still be running: cancel it first, or the ROLLBACK
         // would wait behind it. Where that cannot be done for sure, nothing more is sent:
         // the connection is discarded when dropped, which ends the transaction.
-        let abandoned = connection.has_unfinished_request();
-        if abandoned && !connection.cancel_unfinished_request().await {
+        if connection.has_unfinished_request() {
+            if !connection.cancel_unfinished_request().await {
+                return match finish {
+                    Finish::Commit => Err(refused(aborted_by.unwrap_or_default())),
+                    Finish::Rollback => Ok(()),
+                };
+            }
+            // Answers come in order: once the ROLLBACK is answered, whatever was
+            // abandoned before has ended.
+            connection.set_request_open(false);
+        }
+        if connection.is_broken() {
+            // Nothing was committed: the server rolls back a session that ends.
             return match finish {
-                Finish::Commit => Err(Error::transaction(format!(
-                    "cannot commit: {}; the transaction is rolled back",
-                    aborted_by.unwrap_or_default()
-                ))),
+                Finish::Commit => Err(Error::new(
+                    ErrorKind::Connection,
+                    "cannot commit: the transaction's connection failed before COMMIT was sent, \
+                     so the server rolled it back and nothing was saved",
+                )),
                 Finish::Rollback => Ok(()),
             };
         }
-        let result = self.engine.shared.simple(&connection, sql).await;
-        if abandoned && result.is_ok() {
-            // Answers come in order: whatever was abandoned before has ended.
-            connection.set_request_open(false);
-        }
-        // The server ends the transaction on any answer to COMMIT or ROLLBACK, even an error.
-        if result.is_ok() || result.as_ref().is_err_and(|e| e.database_error().is_some()) {
-            connection.set_in_transaction(false);
-        }
-        if sql == "COMMIT" && result.is_ok() {
-            self.lock().phase = Phase::Committed;
-        }
+        let engine = &self.engine.shared;
         match (finish, aborted_by) {
-            (Finish::Commit, Some(cause)) => Err(Error::transaction(format!(
-                "cannot commit: an earlier error aborted the transaction, so it was rolled back \
-                 and nothing was saved (first error: {cause})"
-            ))),
-            _ => result,
+            (Finish::Commit, None) => {
+                let committed = engine.commit(connection).await;
+                if let Err(error) = &committed {
+                    if error.code() == Some(IN_FAILED_TRANSACTION) {
+                        return Err(refused(error.to_string()));
+                    }
+                }
+                committed
+            }
+            (Finish::Commit, Some(cause)) => {
+                let _ = engine.rollback(connection).await;
+                Err(refused(cause))
+            }
+            (Finish::Rollback, _) => match engine.rollback(connection).await {
+                // A session that failed is rolled back by the server.
+                Err(error) if error.is_connection_failure() => Ok(()),
+                other => other,
+            },
         }
     }
 
@@ -772,13 +1004,55 @@ impl TxShared {
     }
 }
 
+/// SQLSTATE `25P02`: a statement sent in a transaction that an error aborted.
+pub(crate) const IN_FAILED_TRANSACTION: &str = "25P02";
+
+impl TxState {
+    /// Records why the transaction can only roll back; a `ROLLBACK TO` a savepoint of
+    /// sequence `clearable_up_to` or earlier clears it.
+    fn mark_aborted(&mut self, cause: String, clearable_up_to: u64) {
+        if self.phase == Phase::Active {
+            self.aborted.push((cause, clearable_up_to));
+        }
+    }
+
+    fn savepoint_made(&mut self, name: &str) {
+        self.next_sequence += 1;
+        self.savepoints.push((name.to_owned(), self.next_sequence));
+    }
+
+    /// `ROLLBACK TO name` succeeded: the savepoints made after it are gone, and the
+    /// aborts it undoes are cleared.
+    fn rolled_back_to(&mut self, name: &str) {
+        let Some(index) = self.savepoints.iter().rposition(|(open, _)| open == name) else {
+            return;
+        };
+        let sequence = self.savepoints[index].1;
+        self.savepoints.truncate(index + 1);
+        self.aborted
+            .retain(|(_, clearable_up_to)| sequence > *clearable_up_to);
+        if self.aborted.is_empty() {
+            self.retryable = None;
+        }
+    }
+
+    /// `RELEASE name` succeeded: it and the savepoints made after it are gone.
+    fn released(&mut self, name: &str) {
+        if let Some(index) = self.savepoints.iter().rposition(|(open, _)| open == name) {
+            self.savepoints.truncate(index);
+        }
+    }
+}
+
 fn finished_error(phase: Phase) -> Error {
     let what = match phase {
-        Phase::Committed => "committed",
-        _ => "rolled back",
+        Phase::Committed => "already committed",
+        Phase::Finishing(Finish::Commit) => "being committed",
+        Phase::Finishing(Finish::Rollback) => "being rolled back",
+        _ => "already rolled back",
     };
     Error::transaction(format!(
-        "the transaction is already {what}; start a new one to run more queries"
+        "the transaction is {what}; start a new one to run more queries"
     ))
 }
 
@@ -789,32 +1063,54 @@ pub(crate) mod ambient {
 
     use super::TxShared;
 
-    tokio::task_local! {
-        static AMBIENT: Vec<(u64, Arc<TxShared>)>;
+    /// The innermost transaction scope of one engine on this task: the transaction,
+    /// and the turn its nested savepoint transactions take one at a time.
+    #[derive(Clone)]
+    pub(crate) struct Scope {
+        pub(crate) transaction: Arc<TxShared>,
+        pub(crate) nested_turn: Arc<tokio::sync::Mutex<()>>,
     }
 
-    /// The ambient transaction of the engine `engine_id` on this task, if any.
-    pub(crate) fn current(engine_id: u64) -> Option<Arc<TxShared>> {
+    impl Scope {
+        pub(crate) fn new(transaction: Arc<TxShared>) -> Self {
+            Self {
+                transaction,
+                nested_turn: Arc::default(),
+            }
+        }
+    }
+
+    tokio::task_local! {
+        static AMBIENT: Vec<(u64, Scope)>;
+    }
+
+    /// The innermost scope of the engine `engine_id` on this task, if any.
+    pub(crate) fn current_scope(engine_id: u64) -> Option<Scope> {
         AMBIENT
             .try_with(|ambient| {
                 ambient
                     .iter()
                     .find(|(id, _)| *id == engine_id)
-                    .map(|(_, tx)| tx.clone())
+                    .map(|(_, scope)| scope.clone())
             })
             .ok()
             .flatten()
     }
 
-    /// Runs `future` with `tx` as the ambient transaction of engine `engine_id`.
+    /// The ambient transaction of the engine `engine_id` on this task, if any.
+    pub(crate) fn current(engine_id: u64) -> Option<Arc<TxShared>> {
+        current_scope(engine_id).map(|scope| scope.transaction)
+    }
+
+    /// Runs `future` with `scope` as the innermost scope of engine `engine_id`.
     pub(crate) fn scope<F: Future>(
         engine_id: u64,
-        tx: Arc<TxShared>,
+        scope: Scope,
         future: F,
     ) -> impl Future<Output = F::Output> {
         let mut ambient = AMBIENT.try_with(Vec::clone).unwrap_or_default();
         ambient.retain(|(id, _)| *id != engine_id);
-        ambient.push((engine_id, tx));
+        ambient.push((engine_id, scope));
         AMBIENT.scope(ambient, future)
     }
 }

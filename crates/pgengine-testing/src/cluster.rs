@@ -349,6 +349,55 @@ impl EphemeralCluster {
         read_postmaster_pid(&self.data_dir)
     }
 
+    /// Stops the server (immediate shutdown, as a crash would) and keeps its data:
+    /// connections fail until [`resume`](Self::resume).
+    ///
+    /// ```no_run
+    /// let cluster = pgengine_testing::EphemeralCluster::start()?;
+    /// cluster.pause()?;
+    /// cluster.resume()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn pause(&self) -> Result<(), Error> {
+        self.stop_server()
+    }
+
+    /// Starts the server again on the same port after [`pause`](Self::pause),
+    /// blocking until it accepts connections.
+    ///
+    /// ```no_run
+    /// let cluster = pgengine_testing::EphemeralCluster::start()?;
+    /// cluster.pause()?;
+    /// cluster.resume()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn resume(&self) -> Result<(), Error> {
+        let out = self
+            .command("pg_ctl")
+            .arg("start")
+            .args(["-w", "-t", "120", "-s"])
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .arg("-o")
+            .arg(format!("-p {}", self.port))
+            .output()
+            .map_err(|e| Error::io("could not run pg_ctl start", e))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Startup,
+            format!(
+                "pg_ctl start (port {}) failed ({}): {}",
+                self.port,
+                out.status,
+                output_text(&out)
+            ),
+        ))
+    }
+
     /// Stops the server and removes the temp dir now, reporting failures (dropping the
     /// cluster does the same but can only log them to stderr).
     ///

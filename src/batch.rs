@@ -173,17 +173,15 @@ async fn declare_cursor(lease: &Lease, name: &str, statement: &CompiledQuery<'_>
 /// Starts the statement on the lease's pooled connection; its rows are read later.
 async fn start_stream(lease: &Lease, statement: &CompiledQuery<'_>) -> Result<RowStream> {
     let connection = lease.connection();
-    let client = connection.client();
     let start = async {
         let mut retried = false;
         loop {
-            let prepared = client.prepare_cached(statement.sql()).await?;
-            match client
-                .query_raw(&prepared, statement.params().iter().copied())
+            match connection
+                .query_stream(statement.sql(), statement.params())
                 .await
             {
                 Err(error) if lease.retry_stale(statement.sql(), &error, &mut retried) => {}
-                started => return started.map_err(Error::from),
+                started => return started,
             }
         }
     };

@@ -41,6 +41,8 @@ pub(crate) struct EngineSettings {
     pub log_responses: bool,
     pub log_arguments: bool,
     pub slow_query_threshold: Option<Duration>,
+    /// Set by the builder or the URL; else [`DEFAULT_STATEMENT_CACHE_CAPACITY`].
+    pub statement_cache_capacity: Option<usize>,
 }
 
 impl Default for EngineSettings {
@@ -54,6 +56,7 @@ impl Default for EngineSettings {
             log_responses: false,
             log_arguments: false,
             slow_query_threshold: None,
+            statement_cache_capacity: None,
         }
     }
 }
@@ -274,7 +277,8 @@ impl EngineBuilder {
     }
 
     /// The driver configuration and the engine settings, with the URL applied under the parts.
-    pub(crate) fn into_parts(self) -> Result<(tokio_postgres::Config, EngineSettings)> {
+    pub(crate) fn into_parts(mut self) -> Result<(tokio_postgres::Config, EngineSettings)> {
+        self.take_url_engine_params()?;
         let from_url = match &self.url {
             Some(url) => tokio_postgres::Config::from_str(url)
                 .map_err(|e| Error::new(ErrorKind::Config, format!("invalid database URL: {e}")))?,
@@ -298,6 +302,94 @@ impl EngineBuilder {
             ));
         }
         Ok((pg, self.settings))
+    }
+}
+
+// Statement cache (pgbouncer in transaction mode).
+impl EngineBuilder {
+    /// How many prepared statements each connection keeps (least recently used evicted;
+    /// default 512). `0` prepares none: every statement is sent unnamed, parsed, bound
+    /// and run in one round trip, as a pooler in transaction mode (pgbouncer) needs.
+    /// The URL can say the same (`?statement_cache_capacity=0`); this setting wins.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .url("postgres://app@pgbouncer:6432/app")
+    ///     .statement_cache_capacity(0);
+    /// # let _ = builder;
+    /// ```
+    pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
+        self.settings.statement_cache_capacity = Some(capacity);
+        self
+    }
+
+    /// Removes the engine's own parameters (`statement_cache_capacity`) from the URL,
+    /// which the driver would refuse, and applies them unless the builder set them.
+    fn take_url_engine_params(&mut self) -> Result<()> {
+        let Some(url) = &self.url else {
+            return Ok(());
+        };
+        let (url, capacity) = take_url_param(url, STATEMENT_CACHE_CAPACITY);
+        let Some(capacity) = capacity else {
+            return Ok(());
+        };
+        let capacity = capacity.parse::<usize>().map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "invalid {STATEMENT_CACHE_CAPACITY} in the database URL: {capacity:?} \
+                     (a number of statements, 0 for none)"
+                ),
+            )
+        })?;
+        self.url = Some(url);
+        self.settings
+            .statement_cache_capacity
+            .get_or_insert(capacity);
+        Ok(())
+    }
+}
+
+const STATEMENT_CACHE_CAPACITY: &str = "statement_cache_capacity";
+
+/// `url` without its parameter `name` (URL query `?name=v`, or `name=v` in a
+/// `key=value` string), and the parameter's value.
+fn take_url_param(url: &str, name: &str) -> (String, Option<String>) {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if is_url {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), None);
+        };
+        let mut value = None;
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| match pair.split_once('=') {
+                Some((key, v)) if key == name => {
+                    value = Some(v.to_owned());
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (url, value)
+    } else {
+        let mut value = None;
+        let kept: Vec<&str> = url
+            .split_whitespace()
+            .filter(|pair| match pair.split_once('=') {
+                Some((key, v)) if key.trim() == name => {
+                    value = Some(v.trim().to_owned());
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        (kept.join(" "), value)
     }
 }
 

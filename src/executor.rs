@@ -392,23 +392,25 @@ impl Lease {
         params: &[&(dyn ToSql + Sync)],
         want_rows: bool,
     ) -> Result<Outcome> {
-        let client = self.connection().client();
+        let connection = self.connection();
         let mut retried = false;
         loop {
             // Inside a transaction, a statement not yet prepared is prepared and sent in
             // one turn, so no later request overtakes it.
             let turn = self.turn().await;
-            let prepared = client.prepare_cached(sql).await?;
             let request = async {
                 if want_rows {
-                    client.query(&prepared, params).await.map(Outcome::Rows)
+                    connection.query_rows(sql, params).await.map(Outcome::Rows)
                 } else {
-                    client.execute(&prepared, params).await.map(Outcome::Count)
+                    connection
+                        .execute_count(sql, params)
+                        .await
+                        .map(Outcome::Count)
                 }
             };
             match sent_in_turn(turn, request).await {
                 Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
-                answer => return answer.map_err(Error::from),
+                answer => return answer,
             }
         }
     }
@@ -418,20 +420,15 @@ impl Lease {
     /// 0A000, "cached plan must not change result type"). Such a statement is dropped
     /// from the cache either way; it is run again only once, and never inside a
     /// transaction (which the error aborted).
-    pub(crate) fn retry_stale(
-        &self,
-        sql: &str,
-        error: &tokio_postgres::Error,
-        retried: &mut bool,
-    ) -> bool {
-        let stale = error.as_db_error().is_some_and(|db| {
-            db.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
-                && db.message().contains("cached plan")
+    pub(crate) fn retry_stale(&self, sql: &str, error: &Error, retried: &mut bool) -> bool {
+        let stale = error.database_error().is_some_and(|db| {
+            db.code == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED.code()
+                && db.message.contains("cached plan")
         });
         if !stale {
             return false;
         }
-        self.connection().client().statement_cache.remove(sql, &[]);
+        self.connection().forget_statement(sql);
         let again = !*retried && self.transaction.is_none();
         *retried = true;
         again

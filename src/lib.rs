@@ -39,6 +39,7 @@ mod pool;
 pub mod query;
 mod retry;
 pub mod savepoint;
+mod statements;
 mod transaction;
 mod version;
 

@@ -64,7 +64,8 @@ impl Outcome {
 /// waits for that one answer. Outside a transaction the texts are first prepared all
 /// together, up front (where a failure aborts nothing), so that normally the misses
 /// cost one round trip in all; inside a transaction a failed `Parse` would abort it,
-/// so there each new text is prepared at its turn.
+/// so there each new text is prepared at its turn. With no statement cache
+/// (capacity 0), each statement is an unnamed one, sent whole at its turn.
 pub(crate) async fn run(
     lease: &Lease,
     statements: &[CompiledQuery<'_>],
@@ -88,7 +89,9 @@ pub(crate) async fn run(
 /// statement's turn (it may need what an earlier statement creates).
 async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
     let connection = lease.connection();
-    let client = connection.client();
+    if !connection.caches_statements() {
+        return; // unnamed statements: nothing to prepare
+    }
     let mut texts: Vec<&str> = statements
         .iter()
         .filter(|statement| !statement.params().is_empty())
@@ -96,7 +99,7 @@ async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
         .collect();
     texts.sort_unstable();
     texts.dedup();
-    let prepares = texts.into_iter().map(|sql| client.prepare_cached(sql));
+    let prepares = texts.into_iter().map(|sql| connection.statement(sql));
     let prepared = connection.guarded(async { Ok(futures::future::join_all(prepares).await) });
     let _ = prepared.await;
 }
@@ -128,13 +131,27 @@ async fn run_in_order(
             } else {
                 Box::pin(observed(lease, sql, params, async move {
                     let messages = client.simple_query(sql).await?;
-                    Ok(Outcome::Count(affected(&messages)))
+                    Ok::<_, tokio_postgres::Error>(Outcome::Count(affected(&messages)))
+                }))
+            }
+        } else if !connection.caches_statements() {
+            // An unnamed statement: parsed, bound and run in one request.
+            if rows_wanted {
+                Box::pin(observed(lease, sql, params, async move {
+                    connection.query_rows(sql, params).await.map(Outcome::Rows)
+                }))
+            } else {
+                Box::pin(observed(lease, sql, params, async move {
+                    connection
+                        .execute_count(sql, params)
+                        .await
+                        .map(Outcome::Count)
                 }))
             }
         } else {
             // A cache hit is ready at once; a miss is sent behind the statements before
             // it, so that it sees what they did.
-            let prepared = match pipe.wait_for(client.prepare_cached(sql)).await {
+            let prepared = match pipe.wait_for(connection.statement(sql)).await {
                 Ok(prepared) => prepared,
                 Err(error) => {
                     failed_prepare = Some((index, Error::from(error)));
@@ -276,17 +293,20 @@ fn affected(messages: &[tokio_postgres::SimpleQueryMessage]) -> u64 {
 async fn simple(lease: &Lease, sql: &'static str) -> Result<Outcome> {
     observed(lease, sql, &[], async move {
         lease.connection().client().batch_execute(sql).await?;
-        Ok(Outcome::Count(0))
+        Ok::<_, tokio_postgres::Error>(Outcome::Count(0))
     })
     .await
 }
 
-async fn observed(
+async fn observed<E>(
     lease: &Lease,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
-    request: impl Future<Output = std::result::Result<Outcome, tokio_postgres::Error>>,
-) -> Result<Outcome> {
+    request: impl Future<Output = std::result::Result<Outcome, E>>,
+) -> Result<Outcome>
+where
+    Error: From<E>,
+{
     let request = async { request.await.map_err(Error::from) };
     lease
         .engine()

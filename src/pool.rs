@@ -15,19 +15,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, TimeoutType,
-    Timeouts,
+    Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime, Status,
+    TimeoutType, Timeouts,
 };
-use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, RowStream, Statement};
 
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
 use crate::error::{Error, ErrorKind, Result};
+use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
 
 /// The pool of one engine, and how to cancel a request on its connections.
 pub(crate) struct ConnectionPool {
     pool: Pool,
     canceller: Arc<Canceller>,
+    statement_cache_capacity: usize,
+    recency: Arc<RecencyTable>,
 }
 
 impl ConnectionPool {
@@ -48,7 +52,14 @@ impl ConnectionPool {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::new(ErrorKind::Config, format!("cannot build the pool: {e}")))?;
-        Ok(Self { pool, canceller })
+        Ok(Self {
+            pool,
+            canceller,
+            statement_cache_capacity: settings
+                .statement_cache_capacity
+                .unwrap_or(DEFAULT_STATEMENT_CACHE_CAPACITY),
+            recency: Arc::default(),
+        })
     }
 
     /// Takes a connection, waiting at most the pool's wait timeout.
@@ -80,6 +91,11 @@ impl ConnectionPool {
 
     fn wrap(&self, object: Object) -> Connection {
         Connection {
+            statements: StatementCache::new(
+                self.statement_cache_capacity,
+                self.recency.of(Object::id(&object)),
+            ),
+            recency_table: self.recency.clone(),
             object: Some(object),
             canceller: self.canceller.clone(),
             in_transaction: AtomicBool::new(false),
@@ -103,6 +119,8 @@ impl ConnectionPool {
 /// A connection taken from the pool, returned clean when dropped.
 pub(crate) struct Connection {
     object: Option<Object>,
+    statements: StatementCache,
+    recency_table: Arc<RecencyTable>,
     canceller: Arc<Canceller>,
     in_transaction: AtomicBool,
     unfinished: AtomicBool,
@@ -115,6 +133,55 @@ impl Connection {
         self.object
             .as_ref()
             .expect("a connection holds its object until dropped")
+    }
+
+    /// Whether statements are prepared and cached (else sent unnamed).
+    pub(crate) fn caches_statements(&self) -> bool {
+        self.statements.caches_statements()
+    }
+
+    /// `sql` prepared on this connection (statement cache).
+    pub(crate) async fn statement(
+        &self,
+        sql: &str,
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        self.statements.statement(self.client(), sql).await
+    }
+
+    /// Drops `sql` from the statement cache.
+    pub(crate) fn forget_statement(&self, sql: &str) {
+        self.statements.forget(self.client(), sql);
+    }
+
+    /// Runs `sql` with its rows (see [`StatementCache`]).
+    pub(crate) async fn query_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        self.statements.query_rows(self.client(), sql, params).await
+    }
+
+    /// Runs `sql`, counting the rows it affected (see [`StatementCache`]).
+    pub(crate) async fn execute_count(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        self.statements
+            .execute_count(self.client(), sql, params)
+            .await
+    }
+
+    /// Starts `sql`, its rows read as they come (see [`StatementCache`]).
+    pub(crate) async fn query_stream(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream> {
+        self.statements
+            .query_stream(self.client(), sql, params)
+            .await
     }
 
     /// Records whether a transaction is open on this connection.
@@ -205,6 +272,7 @@ impl Drop for Connection {
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
         if self.broken.load(Ordering::Acquire) || object.is_closed() {
             tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
+            self.recency_table.discard(Object::id(&object));
             drop(Object::take(object));
             return;
         }
@@ -213,10 +281,19 @@ impl Drop for Connection {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(restore(object, unfinished, self.canceller.clone()));
+                let recency_table = self.recency_table.clone();
+                runtime.spawn(restore(
+                    object,
+                    unfinished,
+                    self.canceller.clone(),
+                    recency_table,
+                ));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
-            Err(_) => drop(Object::take(object)),
+            Err(_) => {
+                self.recency_table.discard(Object::id(&object));
+                drop(Object::take(object));
+            }
         }
     }
 }
@@ -227,9 +304,16 @@ impl Drop for Connection {
 ///
 /// The `ROLLBACK` is sent only once the server has signalled the session (see
 /// [`Canceller`]), so the cancel cannot reach it or any later request.
-async fn restore(object: Object, unfinished: bool, canceller: Arc<Canceller>) {
+async fn restore(
+    object: Object,
+    unfinished: bool,
+    canceller: Arc<Canceller>,
+    recency_table: Arc<RecencyTable>,
+) {
+    let id: ObjectId = Object::id(&object);
     if unfinished && !canceller.cancel(&object.cancel_token()).await {
         tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
+        recency_table.discard(id);
         drop(Object::take(object));
         return;
     }
@@ -237,6 +321,7 @@ async fn restore(object: Object, unfinished: bool, canceller: Arc<Canceller>) {
         Ok(()) => drop(object),
         Err(e) => {
             tracing::debug!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
+            recency_table.discard(id);
             drop(Object::take(object));
         }
     }

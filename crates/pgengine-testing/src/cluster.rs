@@ -621,7 +621,7 @@ fn read_postmaster_pid(data_dir: &Path) -> Option<u32> {
 
 /// `None` when not root; else the uid/gid of the `postgres` user (PostgreSQL refuses
 /// to run as root).
-fn run_as() -> Result<Option<(u32, u32)>, Error> {
+pub(crate) fn run_as() -> Result<Option<(u32, u32)>, Error> {
     static RUN_AS: OnceLock<Result<Option<(u32, u32)>, Error>> = OnceLock::new();
     RUN_AS
         .get_or_init(|| {
@@ -675,7 +675,7 @@ pub(crate) fn random_token() -> String {
     format!("{:016x}", h.finish())
 }
 
-fn create_temp_dir(run_as: Option<(u32, u32)>) -> Result<PathBuf, Error> {
+pub(crate) fn create_temp_dir(run_as: Option<(u32, u32)>) -> Result<PathBuf, Error> {
     use std::os::unix::fs::{DirBuilderExt, chown};
     let base = std::env::temp_dir();
     let mut last = None;
@@ -710,7 +710,7 @@ fn create_temp_dir(run_as: Option<(u32, u32)>) -> Result<PathBuf, Error> {
     ))
 }
 
-fn free_port() -> Result<u16, Error> {
+pub(crate) fn free_port() -> Result<u16, Error> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::io("could not find a free port on 127.0.0.1", e))?;
     listener
@@ -737,7 +737,7 @@ fn output_text(out: &Output) -> String {
 }
 
 /// The last ~40 lines written to the log since byte offset `from`.
-fn read_log_tail(path: &Path, from: u64) -> String {
+pub(crate) fn read_log_tail(path: &Path, from: u64) -> String {
     let mut bytes = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let _ = f.read_to_end(&mut bytes);

@@ -30,10 +30,12 @@ mod bin_dir;
 mod cluster;
 mod database;
 mod error;
+mod pgbouncer;
 mod server;
 
 pub use bin_dir::find_bin_dir;
 pub use cluster::{EphemeralCluster, EphemeralClusterBuilder, TEMP_DIR_PREFIX};
 pub use database::{DATABASE_PREFIX, TestDatabase};
 pub use error::{Error, ErrorKind};
+pub use pgbouncer::PgBouncer;
 pub use server::{TestServer, server};

@@ -1,0 +1,230 @@
+//! How a statement with parameters reaches the server: prepared once per connection and
+//! kept in a bounded cache (least recently used evicted), or — with a capacity of `0`,
+//! for a pooler in transaction mode such as pgbouncer — as an unnamed statement, parsed,
+//! bound and run in one round trip, so no named statement outlives its request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use deadpool_postgres::{ClientWrapper, ObjectId};
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, RowStream, Statement};
+
+use crate::error::{Error, Result};
+
+/// The default number of statements each connection keeps prepared.
+pub const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 512;
+
+/// When each cached statement of one connection was last used, to evict the least
+/// recently used one once the cache is over its capacity.
+#[derive(Default)]
+pub(crate) struct Recency {
+    uses: Mutex<RecencyInner>,
+}
+
+#[derive(Default)]
+struct RecencyInner {
+    clock: u64,
+    last_use: HashMap<String, u64>,
+}
+
+impl Recency {
+    /// Records a use of `sql`; returns the statement to evict when the cache now holds
+    /// more than `capacity`.
+    fn touch(&self, sql: &str, capacity: usize) -> Option<String> {
+        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        uses.clock += 1;
+        let now = uses.clock;
+        match uses.last_use.get_mut(sql) {
+            Some(last) => *last = now,
+            None => {
+                uses.last_use.insert(sql.to_owned(), now);
+            }
+        }
+        if uses.last_use.len() <= capacity {
+            return None;
+        }
+        let oldest = uses
+            .last_use
+            .iter()
+            .min_by_key(|(_, last)| **last)
+            .map(|(sql, _)| sql.clone())?;
+        uses.last_use.remove(&oldest);
+        Some(oldest)
+    }
+
+    /// Forgets `sql` (dropped from the cache).
+    fn forget(&self, sql: &str) {
+        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        uses.last_use.remove(sql);
+    }
+}
+
+/// The statement recency of every pooled connection, by pool object.
+#[derive(Default)]
+pub(crate) struct RecencyTable {
+    by_object: Mutex<HashMap<ObjectId, Arc<Recency>>>,
+}
+
+impl RecencyTable {
+    /// The recency of the connection `id` (new for a new connection).
+    pub(crate) fn of(&self, id: ObjectId) -> Arc<Recency> {
+        let mut table = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        table.entry(id).or_default().clone()
+    }
+
+    /// Forgets a connection that is closed.
+    pub(crate) fn discard(&self, id: ObjectId) {
+        let mut table = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        table.remove(&id);
+    }
+}
+
+/// The statement cache of one connection: its capacity and its recency.
+pub(crate) struct StatementCache {
+    capacity: usize,
+    recency: Arc<Recency>,
+}
+
+impl StatementCache {
+    /// A cache of `capacity` statements with the connection's `recency`.
+    pub(crate) fn new(capacity: usize, recency: Arc<Recency>) -> Self {
+        Self { capacity, recency }
+    }
+
+    /// Whether statements are prepared and cached (capacity above 0).
+    pub(crate) fn caches_statements(&self) -> bool {
+        self.capacity > 0
+    }
+
+    /// `sql` prepared on this connection, from the cache or prepared now (evicting the
+    /// least recently used statement when the cache is full).
+    pub(crate) async fn statement(
+        &self,
+        client: &ClientWrapper,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let statement = client.prepare_cached(sql).await?;
+        if let Some(evicted) = self.recency.touch(sql, self.capacity) {
+            client.statement_cache.remove(&evicted, &[]);
+        }
+        Ok(statement)
+    }
+
+    /// Drops `sql` from the statement cache.
+    pub(crate) fn forget(&self, client: &ClientWrapper, sql: &str) {
+        client.statement_cache.remove(sql, &[]);
+        self.recency.forget(sql);
+    }
+
+    /// Runs `sql` with its rows: prepared (cache) or unnamed (capacity 0).
+    pub(crate) async fn query_rows(
+        &self,
+        client: &ClientWrapper,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        if self.caches_statements() {
+            let statement = self.statement(client, sql).await?;
+            Ok(client.query(&statement, params).await?)
+        } else {
+            Ok(client.query_typed(sql, &typed(params)?).await?)
+        }
+    }
+
+    /// Runs `sql`, counting the rows it affected: prepared (cache) or unnamed.
+    pub(crate) async fn execute_count(
+        &self,
+        client: &ClientWrapper,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        if self.caches_statements() {
+            let statement = self.statement(client, sql).await?;
+            Ok(client.execute(&statement, params).await?)
+        } else {
+            Ok(client.execute_typed(sql, &typed(params)?).await?)
+        }
+    }
+
+    /// Starts `sql`, its rows read as they come: prepared (cache) or unnamed.
+    pub(crate) async fn query_stream(
+        &self,
+        client: &ClientWrapper,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream> {
+        if self.caches_statements() {
+            let statement = self.statement(client, sql).await?;
+            Ok(client.query_raw(&statement, params.iter().copied()).await?)
+        } else {
+            Ok(client.query_typed_raw(sql, typed(params)?).await?)
+        }
+    }
+}
+
+/// The types an unnamed statement declares for its parameters, in the order they are
+/// tried: the first type a value can be sent as is the one declared (the server casts
+/// it where the statement needs another, as it would a literal of that type).
+const DECLARABLE: &[Type] = &[
+    Type::BOOL,
+    Type::INT2,
+    Type::INT4,
+    Type::INT8,
+    Type::FLOAT4,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::BYTEA,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMP,
+    Type::DATE,
+    Type::TIME,
+    Type::UUID,
+    Type::NUMERIC,
+    Type::INET,
+    Type::INTERVAL,
+    Type::OID,
+    Type::CHAR,
+    Type::BOOL_ARRAY,
+    Type::INT2_ARRAY,
+    Type::INT4_ARRAY,
+    Type::INT8_ARRAY,
+    Type::FLOAT4_ARRAY,
+    Type::FLOAT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::TIMESTAMP_ARRAY,
+    Type::DATE_ARRAY,
+    Type::UUID_ARRAY,
+];
+
+/// Each parameter with the type it is declared as in an unnamed statement (which,
+/// unlike a prepared one, cannot ask the server first).
+fn typed<'a>(params: &[&'a (dyn ToSql + Sync)]) -> Result<Vec<(&'a (dyn ToSql + Sync), Type)>> {
+    let mut scratch = BytesMut::new();
+    params
+        .iter()
+        .enumerate()
+        .map(|(index, param)| {
+            let declared = DECLARABLE.iter().find(|ty| {
+                scratch.clear();
+                param.to_sql_checked(ty, &mut scratch).is_ok()
+            });
+            match declared {
+                Some(ty) => Ok((*param, ty.clone())),
+                None => Err(Error::invalid_input(format!(
+                    "parameter ${} has a type an unnamed statement cannot declare \
+                     (statement_cache_capacity is 0); cast it in SQL from one of \
+                     bool, int2/4/8, float4/8, text, bytea, jsonb, timestamp(tz), date, \
+                     time, uuid, numeric, inet, interval, or their arrays",
+                    index + 1
+                ))),
+            }
+        })
+        .collect()
+}

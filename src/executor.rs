@@ -393,19 +393,35 @@ impl Lease {
         want_rows: bool,
     ) -> Result<Outcome> {
         let connection = self.connection();
+        let client = connection.client();
         let mut retried = false;
         loop {
             // Inside a transaction, a statement not yet prepared is prepared and sent in
             // one turn, so no later request overtakes it.
             let turn = self.turn().await;
+            let prepared = if connection.caches_statements() {
+                Some(connection.statement(sql).await?)
+            } else {
+                None
+            };
             let request = async {
-                if want_rows {
-                    connection.query_rows(sql, params).await.map(Outcome::Rows)
-                } else {
-                    connection
-                        .execute_count(sql, params)
+                match (&prepared, want_rows) {
+                    (Some(statement), true) => client
+                        .query(statement, params)
+                        .await
+                        .map(Outcome::Rows)
+                        .map_err(Error::from),
+                    (Some(statement), false) => client
+                        .execute(statement, params)
                         .await
                         .map(Outcome::Count)
+                        .map_err(Error::from),
+                    // An unnamed statement: parsed, bound and run in one request.
+                    (None, true) => connection.query_rows(sql, params).await.map(Outcome::Rows),
+                    (None, false) => connection
+                        .execute_count(sql, params)
+                        .await
+                        .map(Outcome::Count),
                 }
             };
             match sent_in_turn(turn, request).await {

@@ -43,6 +43,7 @@ pub(crate) struct EngineSettings {
     pub slow_query_threshold: Option<Duration>,
     /// Set by the builder or the URL; else [`DEFAULT_STATEMENT_CACHE_CAPACITY`].
     pub statement_cache_capacity: Option<usize>,
+    pub lifecycle: crate::lifecycle::Lifecycle,
 }
 
 impl Default for EngineSettings {
@@ -57,6 +58,7 @@ impl Default for EngineSettings {
             log_arguments: false,
             slow_query_threshold: None,
             statement_cache_capacity: None,
+            lifecycle: crate::lifecycle::Lifecycle::default(),
         }
     }
 }
@@ -347,6 +349,106 @@ impl EngineBuilder {
             .statement_cache_capacity
             .get_or_insert(capacity);
         Ok(())
+    }
+}
+
+// Pool lifecycle.
+impl EngineBuilder {
+    /// Closes a connection once it is this old (when it is next idle) and opens a fresh
+    /// one as needed. Default: none.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().max_lifetime(std::time::Duration::from_secs(1800));
+    /// # let _ = builder;
+    /// ```
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.settings.lifecycle.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Closes a connection not taken for this long, keeping
+    /// [`min_connections`](Self::min_connections) open. Default: none.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().idle_timeout(std::time::Duration::from_secs(600));
+    /// # let _ = builder;
+    /// ```
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.lifecycle.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Keeps at least this many connections open (opened in the background, and again
+    /// after any is closed). Default: 0.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().min_connections(2);
+    /// # let _ = builder;
+    /// ```
+    pub fn min_connections(mut self, min: usize) -> Self {
+        self.settings.lifecycle.min_connections = min;
+        self
+    }
+
+    /// Before handing out a connection not taken for longer than `after`, checks that
+    /// it answers (an empty query); one that does not is closed and another is taken.
+    /// Default: 60 s; `None` never checks.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().health_check_after(std::time::Duration::from_secs(30));
+    /// # let _ = builder;
+    /// ```
+    pub fn health_check_after(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.settings.lifecycle.health_check_after = after.into();
+        self
+    }
+
+    /// SQL run on each new connection before its first use (e.g.
+    /// `SET search_path TO app`); several statements may be separated by `;`.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().after_connect_sql("SET timezone TO 'UTC'");
+    /// # let _ = builder;
+    /// ```
+    pub fn after_connect_sql(mut self, sql: impl Into<String>) -> Self {
+        self.settings.lifecycle.after_connect =
+            Some(crate::lifecycle::AfterConnect::Sql(sql.into()));
+        self
+    }
+
+    /// An async function run on each new connection before its first use; an error
+    /// fails the connection.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().after_connect(|client| {
+    ///     Box::pin(async move { client.batch_execute("SET ROLE app_user").await })
+    /// });
+    /// # let _ = builder;
+    /// ```
+    pub fn after_connect<F>(mut self, hook: F) -> Self
+    where
+        F: for<'a> Fn(&'a tokio_postgres::Client) -> crate::lifecycle::AfterConnectFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.settings.lifecycle.after_connect =
+            Some(crate::lifecycle::AfterConnect::function(hook));
+        self
+    }
+
+    /// What is reset on a connection before it is reused; see [`SessionReset`]
+    /// (default: only an open transaction is rolled back).
+    ///
+    /// [`SessionReset`]: crate::SessionReset
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().session_reset(pgengine::SessionReset::DiscardAll);
+    /// # let _ = builder;
+    /// ```
+    pub fn session_reset(mut self, reset: crate::lifecycle::SessionReset) -> Self {
+        self.settings.lifecycle.session_reset = reset;
+        self
     }
 }
 

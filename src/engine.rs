@@ -93,7 +93,10 @@ impl PostgresEngine {
     /// Creates the pool, checks the server version and prepares the database.
     pub(crate) async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
         let pool = ConnectionPool::new(pg.clone(), &settings)?;
-        let sync_pool = ConnectionPool::new(pg, &settings)?;
+        // The pool of blocking callers opens connections only on demand.
+        let mut sync_settings = settings.clone();
+        sync_settings.lifecycle.min_connections = 0;
+        let sync_pool = ConnectionPool::new(pg, &sync_settings)?;
         let engine = Self {
             shared: Arc::new(EngineShared {
                 id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
@@ -185,11 +188,21 @@ impl PostgresEngine {
     /// ```
     pub fn pool_status(&self) -> PoolStatus {
         let status = self.shared.pool.status();
+        let counters = self.shared.pool.counters();
+        let count = crate::lifecycle::Counters::get;
         PoolStatus {
             max_size: status.max_size,
             size: status.size,
             available: status.available,
             waiting: status.waiting,
+            waits: count(&counters.waits),
+            wait_time: Duration::from_micros(count(&counters.wait_micros)),
+            timeouts: count(&counters.timeouts),
+            created: count(&counters.created),
+            closed_max_lifetime: count(&counters.closed_max_lifetime),
+            closed_idle: count(&counters.closed_idle),
+            closed_unhealthy: count(&counters.closed_unhealthy),
+            closed_broken: count(&counters.closed_broken),
         }
     }
 
@@ -338,6 +351,23 @@ pub struct PoolStatus {
     pub available: usize,
     /// Tasks waiting for a connection.
     pub waiting: usize,
+    /// Takes that had to wait for a connection (all were busy), since the engine was built.
+    pub waits: u64,
+    /// The time those takes waited, in all.
+    pub wait_time: Duration,
+    /// Takes that gave up after the pool's wait timeout.
+    pub timeouts: u64,
+    /// Connections opened.
+    pub created: u64,
+    /// Connections closed because they reached `max_lifetime`.
+    pub closed_max_lifetime: u64,
+    /// Connections closed after `idle_timeout` unused.
+    pub closed_idle: u64,
+    /// Connections closed because the health check or the session reset failed.
+    pub closed_unhealthy: u64,
+    /// Connections closed because they broke (a connection failure, or an abandoned
+    /// request or transaction that could not be undone for sure).
+    pub closed_broken: u64,
 }
 
 impl crate::executor::sealed::Sealed for PostgresEngine {}

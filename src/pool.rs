@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime, Status,
-    TimeoutType, Timeouts,
+    Hook, Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime,
+    Status, TimeoutType, Timeouts,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, RowStream, Statement};
@@ -24,6 +24,7 @@ use tokio_postgres::{NoTls, Row, RowStream, Statement};
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
 use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::{self, Counters};
 use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
 
 /// The pool of one engine, and how to cancel a request on its connections.
@@ -32,6 +33,7 @@ pub(crate) struct ConnectionPool {
     canceller: Arc<Canceller>,
     statement_cache_capacity: usize,
     recency: Arc<RecencyTable>,
+    counters: Arc<Counters>,
 }
 
 impl ConnectionPool {
@@ -45,14 +47,35 @@ impl ConnectionPool {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let counters = Arc::new(Counters::default());
+        let life = Arc::new(settings.lifecycle.clone());
         let pool = Pool::builder(manager)
             .max_size(settings.max_connections)
             .wait_timeout(settings.pool_wait_timeout)
             .create_timeout(Some(settings.connect_timeout))
             .runtime(Runtime::Tokio1)
+            .post_create(Hook::async_fn(lifecycle::post_create(
+                life.clone(),
+                counters.clone(),
+            )))
+            .pre_recycle(Hook::async_fn(lifecycle::pre_recycle(
+                life.clone(),
+                counters.clone(),
+            )))
             .build()
             .map_err(|e| Error::new(ErrorKind::Config, format!("cannot build the pool: {e}")))?;
+        if let Some(period) = maintenance_period(&life)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(lifecycle::maintain(
+                pool.weak(),
+                life,
+                counters.clone(),
+                period,
+            ));
+        }
         Ok(Self {
+            counters,
             pool,
             canceller,
             statement_cache_capacity: settings
@@ -72,7 +95,17 @@ impl ConnectionPool {
             ..pool.timeouts()
         };
         let object = match pool.timeout_get(&at_once).await {
-            Err(PoolError::Timeout(TimeoutType::Wait)) => pool.get().await?,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {
+                let started = std::time::Instant::now();
+                let waited = pool.get().await;
+                let counters = &self.counters;
+                Counters::add(&counters.waits, 1);
+                Counters::add(&counters.wait_micros, started.elapsed().as_micros() as u64);
+                if matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait))) {
+                    Counters::add(&counters.timeouts, 1);
+                }
+                waited?
+            }
             taken => taken?,
         };
         Ok(self.wrap(object))
@@ -96,6 +129,7 @@ impl ConnectionPool {
                 self.recency.of(Object::id(&object)),
             ),
             recency_table: self.recency.clone(),
+            counters: self.counters.clone(),
             object: Some(object),
             canceller: self.canceller.clone(),
             in_transaction: AtomicBool::new(false),
@@ -107,6 +141,11 @@ impl ConnectionPool {
     /// Connections open, idle, waited for.
     pub(crate) fn status(&self) -> Status {
         self.pool.status()
+    }
+
+    /// The pool's counters.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Refuses new connections and closes the idle ones; those in use close as they
@@ -121,6 +160,7 @@ pub(crate) struct Connection {
     object: Option<Object>,
     statements: StatementCache,
     recency_table: Arc<RecencyTable>,
+    counters: Arc<Counters>,
     canceller: Arc<Canceller>,
     in_transaction: AtomicBool,
     unfinished: AtomicBool,
@@ -273,6 +313,7 @@ impl Drop for Connection {
         if self.broken.load(Ordering::Acquire) || object.is_closed() {
             tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
             self.recency_table.discard(Object::id(&object));
+            Counters::add(&self.counters.closed_broken, 1);
             drop(Object::take(object));
             return;
         }
@@ -287,6 +328,7 @@ impl Drop for Connection {
                     unfinished,
                     self.canceller.clone(),
                     recency_table,
+                    self.counters.clone(),
                 ));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
@@ -309,11 +351,13 @@ async fn restore(
     unfinished: bool,
     canceller: Arc<Canceller>,
     recency_table: Arc<RecencyTable>,
+    counters: Arc<Counters>,
 ) {
     let id: ObjectId = Object::id(&object);
     if unfinished && !canceller.cancel(&object.cancel_token()).await {
         tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
         recency_table.discard(id);
+        Counters::add(&counters.closed_broken, 1);
         drop(Object::take(object));
         return;
     }
@@ -322,7 +366,22 @@ async fn restore(
         Err(e) => {
             tracing::debug!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
             recency_table.discard(id);
+            Counters::add(&counters.closed_broken, 1);
             drop(Object::take(object));
         }
+    }
+}
+
+/// How often idle connections are checked: often enough for the shortest of
+/// `idle_timeout` and `max_lifetime`; `None` when there is nothing to maintain.
+fn maintenance_period(life: &lifecycle::Lifecycle) -> Option<Duration> {
+    let shortest = [life.idle_timeout, life.max_lifetime]
+        .into_iter()
+        .flatten()
+        .min();
+    match shortest {
+        Some(bound) => Some((bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))),
+        None if life.min_connections > 0 => Some(Duration::from_secs(1)),
+        None => None,
     }
 }

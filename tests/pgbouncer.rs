@@ -389,3 +389,27 @@ async fn capacity_zero_prepares_nothing() {
         .unwrap();
     assert_eq!(prepared_on_server(&engine).await, 0);
 }
+
+#[tokio::test]
+async fn statement_cache_capacity_in_the_url_is_applied_and_removed() {
+    let db = TestDatabase::new().await.expect("test database");
+    let separator = if db.url().contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{}{separator}statement_cache_capacity=0&application_name=kept",
+        db.url()
+    );
+    let engine = PostgresEngine::builder()
+        .url(url)
+        .max_connections(1)
+        .build()
+        .await
+        .unwrap();
+    engine.execute(sql!("SELECT {}::int", 1)).await.unwrap();
+    assert_eq!(prepared_on_server(&engine).await, 0);
+    let name: String = engine
+        .fetch_one("SHOW application_name")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "kept", "the URL's other parameters are kept");
+}

@@ -313,6 +313,8 @@ impl EngineBuilder {
     /// default 512). `0` prepares none: every statement is sent unnamed, parsed, bound
     /// and run in one round trip, as a pooler in transaction mode (pgbouncer) needs.
     /// The URL can say the same (`?statement_cache_capacity=0`); this setting wins.
+    /// Unnamed, a parameter's type is declared from its Rust value (`i32` as `int4`,
+    /// `String` as `text`, …) and the server casts it where the statement needs another.
     ///
     /// ```
     /// let builder = pgengine::EngineBuilder::new()

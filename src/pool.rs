@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Hook, Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime,
-    Status, TimeoutType, Timeouts,
+    Hook, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status,
+    TimeoutType, Timeouts,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, RowStream, Statement};
@@ -126,9 +126,9 @@ impl ConnectionPool {
         Connection {
             statements: StatementCache::new(
                 self.statement_cache_capacity,
-                self.recency.of(Object::id(&object)),
+                self.recency
+                    .of(Object::id(&object), &object.statement_cache),
             ),
-            recency_table: self.recency.clone(),
             counters: self.counters.clone(),
             object: Some(object),
             canceller: self.canceller.clone(),
@@ -159,7 +159,6 @@ impl ConnectionPool {
 pub(crate) struct Connection {
     object: Option<Object>,
     statements: StatementCache,
-    recency_table: Arc<RecencyTable>,
     counters: Arc<Counters>,
     canceller: Arc<Canceller>,
     in_transaction: AtomicBool,
@@ -190,7 +189,7 @@ impl Connection {
 
     /// Drops `sql` from the statement cache.
     pub(crate) fn forget_statement(&self, sql: &str) {
-        self.statements.forget(self.client(), sql);
+        self.statements.forget(sql);
     }
 
     /// Runs `sql` with its rows (see [`StatementCache`]).
@@ -312,7 +311,6 @@ impl Drop for Connection {
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
         if self.broken.load(Ordering::Acquire) || object.is_closed() {
             tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
-            self.recency_table.discard(Object::id(&object));
             Counters::add(&self.counters.closed_broken, 1);
             drop(Object::take(object));
             return;
@@ -322,20 +320,15 @@ impl Drop for Connection {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                let recency_table = self.recency_table.clone();
                 runtime.spawn(restore(
                     object,
                     unfinished,
                     self.canceller.clone(),
-                    recency_table,
                     self.counters.clone(),
                 ));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
-            Err(_) => {
-                self.recency_table.discard(Object::id(&object));
-                drop(Object::take(object));
-            }
+            Err(_) => drop(Object::take(object)),
         }
     }
 }
@@ -350,13 +343,10 @@ async fn restore(
     object: Object,
     unfinished: bool,
     canceller: Arc<Canceller>,
-    recency_table: Arc<RecencyTable>,
     counters: Arc<Counters>,
 ) {
-    let id: ObjectId = Object::id(&object);
     if unfinished && !canceller.cancel(&object.cancel_token()).await {
         tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
-        recency_table.discard(id);
         Counters::add(&counters.closed_broken, 1);
         drop(Object::take(object));
         return;
@@ -365,7 +355,6 @@ async fn restore(
         Ok(()) => drop(object),
         Err(e) => {
             tracing::debug!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
-            recency_table.discard(id);
             Counters::add(&counters.closed_broken, 1);
             drop(Object::take(object));
         }

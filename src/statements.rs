@@ -4,10 +4,10 @@
 //! bound and run in one round trip, so no named statement outlives its request.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::BytesMut;
-use deadpool_postgres::{ClientWrapper, ObjectId};
+use deadpool_postgres::{ClientWrapper, ObjectId, StatementCache as DeadpoolCache};
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream, Statement};
@@ -17,68 +17,79 @@ use crate::error::{Error, Result};
 /// The default number of statements each connection keeps prepared.
 pub const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 512;
 
-/// When each cached statement of one connection was last used, to evict the least
-/// recently used one once the cache is over its capacity.
+/// The statements one connection keeps prepared, each with when it was last used, to
+/// evict the least recently used one once the cache is over its capacity (the evicted
+/// statement is closed on the server when its last user drops it).
 #[derive(Default)]
 pub(crate) struct Recency {
-    uses: Mutex<RecencyInner>,
+    cache: Mutex<RecencyInner>,
 }
 
 #[derive(Default)]
 struct RecencyInner {
     clock: u64,
-    last_use: HashMap<String, u64>,
+    by_sql: HashMap<String, (Statement, u64)>,
 }
 
 impl Recency {
-    /// Records a use of `sql`; returns the statement to evict when the cache now holds
-    /// more than `capacity`.
-    fn touch(&self, sql: &str, capacity: usize) -> Option<String> {
-        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
-        uses.clock += 1;
-        let now = uses.clock;
-        match uses.last_use.get_mut(sql) {
-            Some(last) => *last = now,
-            None => {
-                uses.last_use.insert(sql.to_owned(), now);
+    /// The statement prepared for `sql`, if any, now the most recently used.
+    fn get(&self, sql: &str) -> Option<Statement> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.clock += 1;
+        let now = cache.clock;
+        let (statement, last_use) = cache.by_sql.get_mut(sql)?;
+        *last_use = now;
+        Some(statement.clone())
+    }
+
+    /// Keeps `statement` for `sql`, evicting the least recently used statement when the
+    /// cache then holds more than `capacity`.
+    fn insert(&self, sql: &str, statement: Statement, capacity: usize) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.clock += 1;
+        let now = cache.clock;
+        cache.by_sql.insert(sql.to_owned(), (statement, now));
+        if cache.by_sql.len() > capacity {
+            let oldest = cache
+                .by_sql
+                .iter()
+                .min_by_key(|(_, (_, last_use))| *last_use)
+                .map(|(sql, _)| sql.clone());
+            if let Some(oldest) = oldest {
+                cache.by_sql.remove(&oldest);
             }
         }
-        if uses.last_use.len() <= capacity {
-            return None;
-        }
-        let oldest = uses
-            .last_use
-            .iter()
-            .min_by_key(|(_, last)| **last)
-            .map(|(sql, _)| sql.clone())?;
-        uses.last_use.remove(&oldest);
-        Some(oldest)
     }
 
     /// Forgets `sql` (dropped from the cache).
     fn forget(&self, sql: &str) {
-        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
-        uses.last_use.remove(sql);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.by_sql.remove(sql);
     }
 }
 
-/// The statement recency of every pooled connection, by pool object.
+/// The statement cache of every pooled connection, by pool object. An entry lives
+/// as long as its connection's statement cache: entries of closed connections are
+/// dropped when a new connection is added.
 #[derive(Default)]
 pub(crate) struct RecencyTable {
-    by_object: Mutex<HashMap<ObjectId, Arc<Recency>>>,
+    by_object: Mutex<HashMap<ObjectId, TableEntry>>,
 }
 
-impl RecencyTable {
-    /// The recency of the connection `id` (new for a new connection).
-    pub(crate) fn of(&self, id: ObjectId) -> Arc<Recency> {
-        let mut table = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
-        table.entry(id).or_default().clone()
-    }
+/// A connection's statements, and a token alive while the connection lives.
+type TableEntry = (Arc<Recency>, Weak<DeadpoolCache>);
 
-    /// Forgets a connection that is closed.
-    pub(crate) fn discard(&self, id: ObjectId) {
+impl RecencyTable {
+    /// The recency of the connection `id` with statement cache `cache`.
+    pub(crate) fn of(&self, id: ObjectId, cache: &Arc<DeadpoolCache>) -> Arc<Recency> {
         let mut table = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(&id);
+        if let Some((recency, _)) = table.get(&id) {
+            return recency.clone();
+        }
+        table.retain(|_, (_, alive)| alive.strong_count() > 0);
+        let recency = Arc::new(Recency::default());
+        table.insert(id, (recency.clone(), Arc::downgrade(cache)));
+        recency
     }
 }
 
@@ -106,16 +117,16 @@ impl StatementCache {
         client: &ClientWrapper,
         sql: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        let statement = client.prepare_cached(sql).await?;
-        if let Some(evicted) = self.recency.touch(sql, self.capacity) {
-            client.statement_cache.remove(&evicted, &[]);
+        if let Some(statement) = self.recency.get(sql) {
+            return Ok(statement);
         }
+        let statement = client.prepare(sql).await?;
+        self.recency.insert(sql, statement.clone(), self.capacity);
         Ok(statement)
     }
 
     /// Drops `sql` from the statement cache.
-    pub(crate) fn forget(&self, client: &ClientWrapper, sql: &str) {
-        client.statement_cache.remove(sql, &[]);
+    pub(crate) fn forget(&self, sql: &str) {
         self.recency.forget(sql);
     }
 

@@ -11,6 +11,9 @@
 //! done   # instructions per call = (Ir of 3000 − Ir of 1000) / 2000
 //! ```
 //!
+//! pgengine without named prepared statements (as behind pgbouncer in transaction
+//! mode) is measured by adding `?statement_cache_capacity=0` to the URL.
+//!
 //! The server at the URL needs the benchmark's tables: `pgbench -i`, and
 //! `CREATE TABLE bench_atomic (a int NOT NULL, b text NOT NULL)`.
 

@@ -205,10 +205,11 @@ impl Source {
                 self.finished = true;
                 // The server ended a statement it reported an error for; after any
                 // other failure the request is left open, to be cancelled on drop.
+                // A failed connection (or a session the server ended) is marked broken.
                 if matches!(self.rows, Rows::Streamed(_)) && error.database_error().is_some() {
                     self.lease.connection().set_request_open(false);
                 }
-                return Err(error);
+                return self.lease.noted(Err(error));
             }
         };
         if batch.len() > self.batch_size {

@@ -21,7 +21,7 @@ pub fn to_py(error: Error) -> PyErr {
 }
 
 fn build(py: Python<'_>, error: &Error) -> PyResult<PyErr> {
-    let message = error.to_string();
+    let message = with_causes(error);
     if let Some(db) = error.database_error() {
         let fields = PyDict::new(py);
         fields.set_item("C", &db.code)?;
@@ -79,4 +79,20 @@ fn refused(error: &Error) -> bool {
         source = current.source();
     }
     false
+}
+
+/// The error's message followed by each cause not already in it (the driver's error for
+/// a parameter says which value did not fit only in its cause).
+fn with_causes(error: &Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }

@@ -82,3 +82,20 @@ def pytest_unconfigure(config):
 @pytest.fixture
 def url() -> str:
     return os.environ["PGENGINE_TEST_URL"]
+
+
+@pytest.fixture
+def tables():
+    """Fresh, empty tables for one test."""
+    from tables import create_tables, drop_tables
+
+    create_tables()
+    yield
+    drop_tables()
+
+
+@pytest.fixture
+def db():
+    from piccolo_conf import DB
+
+    return DB

@@ -77,6 +77,7 @@ def pytest_unconfigure(config):
     if _cluster is not None:
         _cluster.stdin.close()
         _cluster.wait(timeout=60)
+        _cluster.stdout.close()
 
 
 @pytest.fixture

@@ -25,25 +25,18 @@ pub fn encode(text: &str, out: &mut BytesMut) -> Result<(), BoxError> {
         Some(rest) => (true, rest),
         None => (false, text.strip_prefix('+').unwrap_or(text)),
     };
-    let special = |sign: u16, out: &mut BytesMut| {
-        out.put_i16(0);
-        out.put_i16(0);
-        out.put_u16(sign);
-        out.put_u16(0);
+    let special = match unsigned.to_ascii_lowercase().as_str() {
+        "nan" | "snan" => Some(NAN),
+        "infinity" | "inf" if negative => Some(MINUS_INFINITY),
+        "infinity" | "inf" => Some(PLUS_INFINITY),
+        _ => None,
     };
-    match unsigned.to_ascii_lowercase().as_str() {
-        "nan" | "snan" => return Ok(special(NAN, out)),
-        "infinity" | "inf" => {
-            return Ok(special(
-                if negative {
-                    MINUS_INFINITY
-                } else {
-                    PLUS_INFINITY
-                },
-                out,
-            ));
-        }
-        _ => {}
+    if let Some(sign) = special {
+        out.put_i16(0); // no digits
+        out.put_i16(0); // weight
+        out.put_u16(sign);
+        out.put_u16(0); // scale
+        return Ok(());
     }
     let invalid = || -> BoxError { format!("invalid numeric value: {text:?}").into() };
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
@@ -88,7 +81,7 @@ pub fn encode(text: &str, out: &mut BytesMut) -> Result<(), BoxError> {
             digits[point as usize..].to_vec(),
         )
     };
-    let dscale = frac_part.len().max(0);
+    let dscale = frac_part.len();
     // Group by 4 from the point outwards.
     let int_pad = (4 - int_part.len() % 4) % 4;
     let mut padded_int = vec![0; int_pad];

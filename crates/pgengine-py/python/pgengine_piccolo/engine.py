@@ -157,6 +157,15 @@ class PgenginePostgresEngine(PostgresEngine):
             "through the engine, or a transaction"
         )
 
+    async def _run_in_pool(self, query: str, args: Optional[Sequence[Any]] = None):
+        return await (await self.native()).fetch(query, list(args or []))
+
+    async def _run_in_new_connection(
+        self, query: str, args: Optional[Sequence[Any]] = None
+    ):
+        # pgengine always uses its pool: no query pays a new connection's handshake.
+        return await (await self.native()).fetch(query, list(args or []))
+
     ###########################################################################
     # Queries
 

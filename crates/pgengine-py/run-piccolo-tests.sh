@@ -36,7 +36,7 @@ asyncio.run(main())"
 
 cd "$work"
 status=0
-PICCOLO_CONF=tests.pgengine_conf PG_HOST=127.0.0.1 PG_PORT=$port \
+PICCOLO_CONF=tests.pgengine_conf PG_HOST=localhost PG_PORT=$port \
   "$python" -m pytest -q -p no:cacheprovider "${@:-tests}" || status=$?
 exec {PG[1]}>&-   # closing its stdin stops the cluster
 wait

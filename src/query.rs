@@ -148,6 +148,27 @@ impl QueryString {
         }
     }
 
+    /// SQL already written with `$1..$n` placeholders, with its parameters in order (as
+    /// asyncpg and Piccolo write queries): sent as written, braces are not special. It
+    /// cannot be nested in another `QueryString` (its `$n` would need renumbering).
+    ///
+    /// ```
+    /// use pgengine::query::{Param, QueryString};
+    /// let params: Vec<Param> = vec![Box::new(1_i32), Box::new("x")];
+    /// let q = QueryString::positional("SELECT $1::int, '{}', $2::text", params);
+    /// let compiled = q.compile().unwrap();
+    /// assert_eq!(compiled.sql(), "SELECT $1::int, '{}', $2::text");
+    /// assert_eq!(compiled.params().len(), 2);
+    /// ```
+    pub fn positional(sql: impl Into<Cow<'static, str>>, params: Vec<Param>) -> Self {
+        Self {
+            template: sql.into(),
+            args: params.into_iter().map(Arg::Value).collect(),
+            raw: true,
+            precompiled: None,
+        }
+    }
+
     /// Adds the next argument: a value or a nested `QueryString`.
     ///
     /// ```
@@ -188,6 +209,19 @@ impl QueryString {
                 });
             }
         }
+        if self.raw && !self.args.is_empty() {
+            // Positional: the SQL already numbers its parameters.
+            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            return match values {
+                Some(params) => Ok(CompiledQuery {
+                    sql: Cow::Borrowed(&self.template),
+                    params,
+                }),
+                None => Err(Error::invalid_input(
+                    "a positional ($n) query takes values, not nested queries",
+                )),
+            };
+        }
         let braces = || memchr::memchr2(b'{', b'}', self.template.as_bytes()).is_some();
         if self.args.is_empty() && (self.raw || !braces()) {
             return Ok(CompiledQuery {
@@ -212,7 +246,7 @@ impl QueryString {
         if self.raw {
             if !self.args.is_empty() {
                 return Err(Error::invalid_input(format!(
-                    "a raw query takes no arguments, got {}",
+                    "a raw or positional ($n) query cannot be nested, it has {} arguments",
                     self.args.len()
                 )));
             }

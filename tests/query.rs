@@ -187,3 +187,19 @@ fn braces_and_raw_sql() {
         "SELECT * FROM (SELECT '}') t"
     );
 }
+
+#[test]
+fn positional_sql_is_sent_as_written_with_its_parameters() {
+    let params: Vec<pgengine::query::Param> = vec![Box::new(1_i32), Box::new("x")];
+    let q = QueryString::positional("SELECT $1::int, '{', $2::text", params);
+    let compiled = q.compile().unwrap();
+    assert_eq!(compiled.sql(), "SELECT $1::int, '{', $2::text");
+    assert_eq!(compiled.params().len(), 2);
+    let nested = sql!(
+        "SELECT * FROM ({}) t",
+        QueryString::positional("SELECT $1", vec![Box::new(1_i32)])
+    );
+    let err = nested.compile().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("cannot be nested"), "{err}");
+}

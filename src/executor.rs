@@ -40,6 +40,10 @@ pub trait Executor: sealed::Sealed + Sync {
 
     /// Runs the query and returns its rows (of its last statement, for several).
     ///
+    /// Every row is held in memory at once: `fetch` puts no bound on the result's size,
+    /// and a million rows of 200 bytes take hundreds of MiB. For a result that can be
+    /// large, [`batch`](Executor::batch) streams it in memory bounded by its batch size.
+    ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
     /// use pgengine::prelude::*;
@@ -375,8 +379,10 @@ impl Lease {
         again
     }
 
-    /// A `FETCH` from a cursor: not prepared (one round trip, nothing cached).
-    pub(crate) async fn fetch_cursor(&self, sql: &str) -> Result<Vec<Row>> {
+    /// One statement without parameters (a cursor's `DECLARE` or `FETCH`) over the
+    /// extended protocol, which runs exactly one statement; not prepared (one round
+    /// trip, nothing cached).
+    pub(crate) async fn unprepared(&self, sql: &str) -> Result<Vec<Row>> {
         let connection = self.connection();
         let request = connection.guarded(async {
             connection

@@ -456,7 +456,10 @@ fn logged_error(error: &Error, log_arguments: bool) -> String {
         }
     }
     if let Some(statement) = error.statement() {
-        text.push_str(&format!(" [statement #{}: {}]", statement.index, statement.sql));
+        text.push_str(&format!(
+            " [statement #{}: {}]",
+            statement.index, statement.sql
+        ));
     }
     text
 }

@@ -8,9 +8,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use futures::{StreamExt, TryStreamExt};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 

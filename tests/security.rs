@@ -53,7 +53,10 @@ fn builder_debug_never_shows_the_password() {
         .url("postgres://app@localhost/app")
         .password("s3cret");
     let shown = format!("{parts:?}");
-    assert!(!shown.contains("s3cret") && shown.contains("password: Some(_)"), "{shown}");
+    assert!(
+        !shown.contains("s3cret") && shown.contains("password: Some(_)"),
+        "{shown}"
+    );
 
     for refused in [
         "postgres://app:s3cret@localhost:notaport/app",
@@ -144,7 +147,12 @@ async fn failed_query_log_leaves_values_out_without_log_arguments() {
             .await
             .unwrap();
         let (events, guard) = capture_events();
-        let insert = || sql!("INSERT INTO member (email) VALUES ({})", "alice@example.com");
+        let insert = || {
+            sql!(
+                "INSERT INTO member (email) VALUES ({})",
+                "alice@example.com"
+            )
+        };
         engine.execute(insert()).await.unwrap();
         let err = engine.execute(insert()).await.unwrap_err();
         assert!(err.is_unique_violation(), "{err}");
@@ -195,7 +203,10 @@ async fn victim_exists(engine: &PostgresEngine) -> bool {
 #[tokio::test]
 async fn one_statement_never_runs_a_stacked_second() {
     let (db, engine) = common::engine_with(2).await;
-    engine.run_ddl("CREATE TABLE victim (id int)").await.unwrap();
+    engine
+        .run_ddl("CREATE TABLE victim (id int)")
+        .await
+        .unwrap();
     const STACKED: &str = "SELECT 1; DROP TABLE victim";
 
     let tx = engine.begin().await.unwrap();
@@ -210,7 +221,10 @@ async fn one_statement_never_runs_a_stacked_second() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("42601"), "{err}");
-    assert!(victim_exists(&engine).await, "an ambient batch dropped the table");
+    assert!(
+        victim_exists(&engine).await,
+        "an ambient batch dropped the table"
+    );
 
     let err = engine.batch(STACKED, 10).await.unwrap_err();
     assert_eq!(err.code(), Some("42601"), "{err}");
@@ -227,7 +241,12 @@ async fn one_statement_never_runs_a_stacked_second() {
         let err = atomic.run().await.unwrap_err();
         assert_eq!(err.code(), Some("42601"), "{bundle:?}: {err}");
         let err = engine
-            .execute(bundle.iter().map(|s| QueryString::raw(*s)).collect::<Vec<_>>())
+            .execute(
+                bundle
+                    .iter()
+                    .map(|s| QueryString::raw(*s))
+                    .collect::<Vec<_>>(),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some("42601"), "{bundle:?}: {err}");
@@ -360,7 +379,11 @@ fn deep_nesting_child() {
                 let compiled = query.compile().unwrap();
                 assert_eq!(compiled.params().len(), 1);
                 assert_eq!(compiled.sql().matches("SELECT (").count(), depth);
-                assert!(compiled.sql().ends_with(&format!("$1::int{}", ")".repeat(depth))));
+                assert!(
+                    compiled
+                        .sql()
+                        .ends_with(&format!("$1::int{}", ")".repeat(depth)))
+                );
                 drop(compiled);
                 drop(query);
             }
@@ -370,7 +393,10 @@ fn deep_nesting_child() {
             }
             let err = broken.compile().unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput);
-            assert!(err.to_string().contains("2 placeholders but 1 argument"), "{err}");
+            assert!(
+                err.to_string().contains("2 placeholders but 1 argument"),
+                "{err}"
+            );
         })
         .unwrap();
     on_small_stack.join().expect("no stack overflow");
@@ -395,7 +421,6 @@ async fn deep_nesting_on_the_server_child() {
     assert_eq!(value, 1);
     let err = engine.fetch_one(nested(100_000)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Database, "{err}");
-    eprintln!("the server's answer: {err}");
     let value: i32 = engine.fetch_one("SELECT 2").await.unwrap().get(0);
     assert_eq!(value, 2);
 }

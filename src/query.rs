@@ -209,39 +209,45 @@ impl QueryString {
         })
     }
 
-    /// Appends this query's SQL and parameters, nested queries spliced in. A loop over a
-    /// stack of the queries being spliced, not recursion: any depth fits any thread.
+    /// Appends this query's SQL and parameters, nested queries spliced in. A loop with
+    /// the enclosing queries on a list (allocated only when there is nesting), not
+    /// recursion: any depth fits any thread.
     fn compile_into<'a>(
         &'a self,
         sql: &mut String,
         params: &mut Vec<&'a (dyn ToSql + Sync)>,
     ) -> Result<()> {
-        let mut stack: Vec<Splice<'a>> = Vec::new();
-        stack.extend(Splice::start(self, sql)?);
-        while let Some(splice) = stack.last_mut() {
-            let Some(piece) = splice.pieces.next() else {
-                if splice.args.next().is_some() {
-                    return Err(splice.query.count_mismatch());
+        let Some(mut current) = Splice::start(self, sql)? else {
+            return Ok(());
+        };
+        let mut enclosing: Vec<Splice<'a>> = Vec::new();
+        loop {
+            let Some(piece) = current.pieces.next() else {
+                if current.args.next().is_some() {
+                    return Err(current.query.count_mismatch());
                 }
-                stack.pop();
+                match enclosing.pop() {
+                    Some(outer) => current = outer,
+                    None => return Ok(()),
+                }
                 continue;
             };
             match piece? {
                 Piece::Text(text) => sql.push_str(text),
-                Piece::Placeholder => match splice.args.next() {
+                Piece::Placeholder => match current.args.next() {
                     Some(Arg::Value(value)) => {
                         params.push(value.as_ref() as &(dyn ToSql + Sync));
                         push_placeholder(sql, params.len());
                     }
                     Some(Arg::Query(nested)) => {
-                        let nested = Splice::start(nested, sql)?;
-                        stack.extend(nested);
+                        if let Some(inner) = Splice::start(nested, sql)? {
+                            enclosing.push(std::mem::replace(&mut current, inner));
+                        }
                     }
-                    None => return Err(splice.query.count_mismatch()),
+                    None => return Err(current.query.count_mismatch()),
                 },
             }
         }
-        Ok(())
     }
 
     /// The error for a template whose placeholders and arguments differ in number.

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use pgengine::prelude::*;
 use pgengine::{ErrorKind, PostgresEngine, QueryString};
+use pgengine_testing::TestDatabase;
 
 /// The connection-string forms the driver accepts, each with the password `s3cret`
 /// (or `s3 cret`), as the issue lists them.
@@ -131,7 +132,7 @@ fn failed_query_events(events: &Mutex<Vec<Event>>) -> Vec<String> {
 /// `log_arguments(true)` the whole error is logged, as asked.
 #[tokio::test]
 async fn failed_query_log_leaves_values_out_without_log_arguments() {
-    let db = pgengine_testing::TestDatabase::new().await.unwrap();
+    let db = TestDatabase::new().await.unwrap();
     for log_arguments in [false, true] {
         let engine = common::builder(&db)
             .log_queries(true)
@@ -298,15 +299,24 @@ async fn run_in_child(name: &str, url: Option<&str>) {
 /// The database URL that [`run_in_child`] gives a child process.
 const CHILD_URL: &str = "PGENGINE_SECURITY_CHILD_URL";
 
-/// An engine on the database of the parent test, in a child process.
-async fn child_engine() -> PostgresEngine {
-    let url = std::env::var(CHILD_URL).expect("run by its parent test");
-    PostgresEngine::builder()
+/// An engine on the database of the parent test in a child process (or, when the test
+/// is run by itself with `--ignored`, on a fresh database, returned to keep it alive).
+async fn child_engine() -> (Option<TestDatabase>, PostgresEngine) {
+    let (db, url) = match std::env::var(CHILD_URL) {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let db = TestDatabase::new().await.unwrap();
+            let url = db.url().to_owned();
+            (Some(db), url)
+        }
+    };
+    let engine = PostgresEngine::builder()
         .url(url)
         .max_connections(2)
         .build()
         .await
-        .unwrap()
+        .unwrap();
+    (db, engine)
 }
 
 /// Finding 5: the largest `batch_size` neither reserves memory for that many rows (the
@@ -315,16 +325,15 @@ async fn child_engine() -> PostgresEngine {
 /// `usize::MAX`. In a child process with 2 GiB of address space.
 #[tokio::test]
 async fn huge_batch_size_is_bounded() {
-    let (db, _engine) = common::engine_with(1).await;
+    let db = TestDatabase::new().await.unwrap();
     run_in_child("huge_batch_size_child", Some(db.url())).await;
-    common::assert_sessions_clean(&db).await;
 }
 
 /// Runs in the child process of [`huge_batch_size_is_bounded`].
 #[tokio::test]
 #[ignore = "run by huge_batch_size_is_bounded, in a child process"]
 async fn huge_batch_size_child() {
-    let engine = child_engine().await;
+    let (_db, engine) = child_engine().await;
     let largest = i32::MAX as usize;
     let query = "SELECT g FROM generate_series(1, 5000) g";
     let all = |rows: Vec<pgengine::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<i32>>();
@@ -407,16 +416,15 @@ fn deep_nesting_child() {
 /// process.
 #[tokio::test]
 async fn deeply_nested_queries_run_or_fail_cleanly() {
-    let (db, _engine) = common::engine_with(1).await;
+    let db = TestDatabase::new().await.unwrap();
     run_in_child("deep_nesting_on_the_server_child", Some(db.url())).await;
-    common::assert_sessions_clean(&db).await;
 }
 
 /// Runs in the child process of [`deeply_nested_queries_run_or_fail_cleanly`].
 #[tokio::test]
 #[ignore = "run by deeply_nested_queries_run_or_fail_cleanly, in a child process"]
 async fn deep_nesting_on_the_server_child() {
-    let engine = child_engine().await;
+    let (_db, engine) = child_engine().await;
     let value: i32 = engine.fetch_one(nested(100)).await.unwrap().get(0);
     assert_eq!(value, 1);
     let err = engine.fetch_one(nested(100_000)).await.unwrap_err();

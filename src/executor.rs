@@ -41,7 +41,7 @@ pub trait Executor: sealed::Sealed + Sync {
     /// Runs the query and returns its rows (of its last statement, for several).
     ///
     /// Every row is held in memory at once: `fetch` puts no bound on the result's size,
-    /// and a million rows of 200 bytes take hundreds of MiB. For a result that can be
+    /// and a million rows of 200 bytes take some 300 MiB. For a result that can be
     /// large, [`batch`](Executor::batch) streams it in memory bounded by its batch size.
     ///
     /// ```no_run

@@ -12,9 +12,12 @@ use crate::error::{Error, Result};
 use crate::executor::{Executor, Lease};
 use crate::query::{CompiledQuery, Query};
 
-/// The largest `batch_size`: far more rows than fit in memory at once, and safe to add
-/// the one row read ahead to.
+/// The largest `batch_size` (a larger one is an `InvalidInput` error): far more rows than
+/// fit in memory at once, and the most one `FETCH` returns.
 const MAX_BATCH_SIZE: usize = i32::MAX as usize;
+
+/// The most rows a batch reserves room for up front; a larger batch grows as its rows come.
+const RESERVED_ROWS: usize = 1024;
 
 /// The rows of a query, at most `batch_size` at a time.
 ///
@@ -31,6 +34,11 @@ const MAX_BATCH_SIZE: usize = i32::MAX as usize;
 ///   goes back clean.
 ///
 /// One row is read ahead, which tells the end without an extra empty fetch.
+///
+/// `batch_size` is 1 to `i32::MAX` (the most rows one `FETCH` returns); 0, or more
+/// than that, is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error. Room for
+/// at most 1,024 rows is reserved up front, so a huge `batch_size` costs memory only for
+/// the rows that actually come.
 ///
 /// ```no_run
 /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
@@ -157,11 +165,13 @@ impl std::fmt::Debug for AsyncBatch {
     }
 }
 
-/// Declares the cursor `name` for `statement` in the lease's transaction.
+/// Declares the cursor `name` for `statement` in the lease's transaction, over the
+/// extended protocol even without parameters: it runs exactly one statement, so a
+/// second one stacked behind a `;` is refused by the server, never run.
 async fn declare_cursor(lease: &Lease, name: &str, statement: &CompiledQuery<'_>) -> Result<()> {
     let declare = format!("DECLARE {name} NO SCROLL CURSOR FOR {}", statement.sql());
     if statement.params().is_empty() {
-        lease.simple(&declare).await
+        lease.unprepared(&declare).await.map(drop)
     } else {
         lease
             .execute_sql(&declare, statement.params())
@@ -196,7 +206,7 @@ impl Source {
         if self.finished {
             return Ok(None);
         }
-        let mut batch = Vec::with_capacity(self.batch_size + 1);
+        let mut batch = Vec::with_capacity(self.batch_size.min(RESERVED_ROWS) + 1);
         batch.extend(self.read_ahead.take());
         let wanted = self.batch_size + 1 - batch.len();
         let ended = match self.read(wanted, &mut batch).await {
@@ -235,11 +245,14 @@ impl Source {
                 Ok(false)
             }
             Rows::Cursor { name } => {
+                // FETCH takes a 32-bit count: at the largest batch size the row read
+                // ahead does not fit, and the end shows as an empty fetch instead.
+                let count = wanted.min(MAX_BATCH_SIZE);
                 let rows = self
                     .lease
-                    .fetch_cursor(&format!("FETCH FORWARD {wanted} FROM {name}"))
+                    .unprepared(&format!("FETCH FORWARD {count} FROM {name}"))
                     .await?;
-                let ended = rows.len() < wanted;
+                let ended = rows.len() < count;
                 batch.extend(rows);
                 Ok(ended)
             }

@@ -216,7 +216,8 @@ impl EngineBuilder {
     }
 
     /// Emit a `tracing` event (target `pgengine::query`, level `INFO`) for every query:
-    /// query id, SQL, argument count and duration.
+    /// query id, SQL, argument count, duration and, for a failed one, its error (see
+    /// [`log_arguments`](Self::log_arguments)).
     ///
     /// ```
     /// let builder = pgengine::EngineBuilder::new().log_queries(true);
@@ -239,8 +240,17 @@ impl EngineBuilder {
         self
     }
 
-    /// Include argument values (their `Debug` form) in query events. Off by default:
-    /// arguments often hold personal data or secrets.
+    /// Include argument values (their `Debug` form) in query events, and a failed
+    /// query's whole server error. Off by default: arguments often hold personal data or
+    /// secrets, and the server's message can quote them (`Key (email)=(alice@…) already
+    /// exists`), so a failed query's event then shows only the error's SQLSTATE and the
+    /// schema, table, column and constraint it names.
+    ///
+    /// The driver, tokio-postgres, logs each statement's parameter values itself, at
+    /// `DEBUG` through the `log` crate (target `tokio_postgres`), whatever this says.
+    /// Keep that target at `INFO` or above wherever logs leave the process, e.g.
+    /// `RUST_LOG=debug,tokio_postgres=info` with `env_logger`, or the same directives in
+    /// `tracing_subscriber::EnvFilter` (which sees `log` records through `tracing-log`).
     ///
     /// ```
     /// let builder = pgengine::EngineBuilder::new().log_queries(true).log_arguments(true);
@@ -541,53 +551,19 @@ fn combine(url: &tokio_postgres::Config, parts: &tokio_postgres::Config) -> toki
     pg
 }
 
+/// The configuration as parsed, never the URL text: the driver's parsed form, whose
+/// `Debug` shows whether a password is set (`password: Some(_)`) and never its value,
+/// however the connection string spells it.
 impl fmt::Debug for EngineBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EngineBuilder")
-            .field("url", &self.url.as_deref().map(redact_url))
-            .field("config", &self.pg)
-            .field("settings", &self.settings)
-            .finish()
+        let mut d = f.debug_struct("EngineBuilder");
+        match self.url.as_deref().map(tokio_postgres::Config::from_str) {
+            Some(Ok(url)) => d.field("config", &combine(&url, &self.pg)),
+            Some(Err(_)) => d
+                .field("url", &"<not valid, not shown>")
+                .field("config", &self.pg),
+            None => d.field("config", &self.pg),
+        };
+        d.field("settings", &self.settings).finish()
     }
-}
-
-/// The URL with any password replaced by `***`, for display.
-///
-/// ```
-/// # use pgengine::config::redact_url;
-/// assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-/// assert_eq!(redact_url("host=h password=secret user=u"), "host=h password=*** user=u");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .map(|r| ("postgres://", r))
-        .or_else(|| {
-            url.strip_prefix("postgresql://")
-                .map(|r| ("postgresql://", r))
-        })
-    {
-        let (scheme, rest) = rest;
-        if let Some(at) = rest.rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{scheme}{}:***{}", &userinfo[..colon], &rest[at..]);
-            }
-        }
-        let redacted_query = redact_key_values(rest, '&');
-        return format!("{scheme}{redacted_query}");
-    }
-    redact_key_values(url, ' ')
-}
-
-fn redact_key_values(text: &str, separator: char) -> String {
-    text.split(separator)
-        .map(|part| match part.find('=') {
-            Some(eq) if part[..eq].trim_start_matches('?').ends_with("password") => {
-                format!("{}=***", &part[..eq])
-            }
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(&separator.to_string())
 }

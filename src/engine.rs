@@ -494,7 +494,10 @@ impl Watch<'_> {
         } = self;
         let elapsed = started.elapsed();
         let duration_us = elapsed.as_micros() as u64;
-        let error = result.as_ref().err().map(ToString::to_string);
+        let error = result
+            .as_ref()
+            .err()
+            .map(|error| logged_error(error, settings.log_arguments));
         if settings.log_queries {
             if settings.log_arguments {
                 tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), arguments = ?params, duration_us, error, "query");
@@ -512,4 +515,34 @@ impl Watch<'_> {
             }
         }
     }
+}
+
+/// An error as the query log shows it. The server's message, detail and hint can quote
+/// argument values (`Key (email)=(alice@example.com) already exists`), so without
+/// `log_arguments` a server error shows as its SQLSTATE and the objects it names
+/// (schema, table, column, constraint) only; other errors are the engine's or the
+/// driver's own words and show whole.
+fn logged_error(error: &Error, log_arguments: bool) -> String {
+    let Some(db) = error.database_error().filter(|_| !log_arguments) else {
+        return error.to_string();
+    };
+    let mut text = format!("database error: {} {}", db.severity, db.code);
+    let named = [
+        ("schema", &db.schema),
+        ("table", &db.table),
+        ("column", &db.column),
+        ("constraint", &db.constraint),
+    ];
+    for (what, name) in named {
+        if let Some(name) = name {
+            text.push_str(&format!(", {what} {name}"));
+        }
+    }
+    if let Some(statement) = error.statement() {
+        text.push_str(&format!(
+            " [statement #{}: {}]",
+            statement.index, statement.sql
+        ));
+    }
+    text
 }

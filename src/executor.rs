@@ -43,6 +43,10 @@ pub trait Executor: sealed::Sealed + Sync {
 
     /// Runs the query and returns its rows (of its last statement, for several).
     ///
+    /// Every row is held in memory at once: `fetch` puts no bound on the result's size,
+    /// and a million rows of 200 bytes take some 300 MiB. For a result that can be
+    /// large, [`batch`](Executor::batch) streams it in memory bounded by its batch size.
+    ///
     /// ```no_run
     /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
     /// use pgengine::prelude::*;
@@ -450,8 +454,10 @@ impl Lease {
         again
     }
 
-    /// A `FETCH` from a cursor: not prepared (one round trip, nothing cached).
-    pub(crate) async fn fetch_cursor(&self, sql: &str) -> Result<Vec<Row>> {
+    /// One statement without parameters (a cursor's `DECLARE` or `FETCH`) over the
+    /// extended protocol, which runs exactly one statement; not prepared (one round
+    /// trip, nothing cached).
+    pub(crate) async fn unprepared(&self, sql: &str) -> Result<Vec<Row>> {
         let _permit = self.admit().await?;
         let connection = self.connection();
         let request = connection.guarded(async {

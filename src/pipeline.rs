@@ -8,11 +8,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::engine::CHECKED_COMMIT;
 use crate::error::{Error, Result};
@@ -129,9 +129,15 @@ async fn run_in_order(
                     client.query_typed(sql, &[]).await.map(Outcome::Rows)
                 }))
             } else {
+                // The extended protocol, unprepared: exactly one statement runs (a
+                // second one stacked behind a `;` is refused by the server).
                 Box::pin(observed(lease, sql, params, async move {
-                    let messages = client.simple_query(sql).await?;
-                    Ok::<_, tokio_postgres::Error>(Outcome::Count(affected(&messages)))
+                    let rows = client.query_typed_raw(sql, no_params()).await?;
+                    let mut rows = std::pin::pin!(rows);
+                    while rows.try_next().await?.is_some() {}
+                    Ok::<_, tokio_postgres::Error>(Outcome::Count(
+                        rows.rows_affected().unwrap_or(0),
+                    ))
                 }))
             }
         } else if !connection.caches_statements() {
@@ -279,15 +285,9 @@ impl<O> Pipe<'_, Result<O>> {
     }
 }
 
-/// Rows affected, summed over a simple query's statements.
-fn affected(messages: &[tokio_postgres::SimpleQueryMessage]) -> u64 {
-    messages
-        .iter()
-        .map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => *n,
-            _ => 0,
-        })
-        .sum()
+/// The parameters of a statement that has none, for `query_typed_raw`.
+fn no_params() -> std::iter::Empty<(&'static (dyn ToSql + Sync), Type)> {
+    std::iter::empty()
 }
 
 async fn simple(lease: &Lease, sql: &'static str) -> Result<Outcome> {

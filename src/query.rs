@@ -69,6 +69,11 @@ impl fmt::Debug for Arg {
 /// `{{` and `}}` stand for literal braces. A query built from a plain string with
 /// [`QueryString::raw`] (as `&str` and `String` queries are) is sent exactly as written.
 ///
+/// Nesting has no depth limit of its own: compiling and dropping a query do not recurse,
+/// so any depth fits any thread's stack (tested 100,000 levels deep on a 2 MiB thread).
+/// The server's parser has its own limit, and a statement nested too deeply for it is
+/// the server's error.
+///
 /// ```
 /// use pgengine::{sql, QueryString};
 /// let inner = sql!("SELECT id FROM band WHERE popularity > {}", 100);
@@ -238,38 +243,44 @@ impl QueryString {
         })
     }
 
+    /// Appends this query's SQL and parameters, nested queries spliced in. A loop with
+    /// the enclosing queries on a list (allocated only when there is nesting), not
+    /// recursion: any depth fits any thread.
     fn compile_into<'a>(
         &'a self,
         sql: &mut String,
         params: &mut Vec<&'a (dyn ToSql + Sync)>,
     ) -> Result<()> {
-        if self.raw {
-            if !self.args.is_empty() {
-                return Err(Error::invalid_input(format!(
-                    "a raw or positional ($n) query cannot be nested, it has {} arguments",
-                    self.args.len()
-                )));
-            }
-            sql.push_str(&self.template);
+        let Some(mut current) = Splice::start(self, sql)? else {
             return Ok(());
-        }
-        let mut args = self.args.iter();
-        for piece in Pieces::of(&self.template) {
+        };
+        let mut enclosing: Vec<Splice<'a>> = Vec::new();
+        loop {
+            let Some(piece) = current.pieces.next() else {
+                if current.args.next().is_some() {
+                    return Err(current.query.count_mismatch());
+                }
+                match enclosing.pop() {
+                    Some(outer) => current = outer,
+                    None => return Ok(()),
+                }
+                continue;
+            };
             match piece? {
                 Piece::Text(text) => sql.push_str(text),
-                Piece::Placeholder => match args.next() {
+                Piece::Placeholder => match current.args.next() {
                     Some(Arg::Value(value)) => {
                         params.push(value.as_ref() as &(dyn ToSql + Sync));
                         push_placeholder(sql, params.len());
                     }
-                    Some(Arg::Query(nested)) => nested.compile_into(sql, params)?,
-                    None => return Err(self.count_mismatch()),
+                    Some(Arg::Query(nested)) => {
+                        if let Some(inner) = Splice::start(nested, sql)? {
+                            enclosing.push(std::mem::replace(&mut current, inner));
+                        }
+                    }
+                    None => return Err(current.query.count_mismatch()),
                 },
             }
-        }
-        match args.next() {
-            Some(_) => Err(self.count_mismatch()),
-            None => Ok(()),
         }
     }
 
@@ -285,6 +296,59 @@ impl QueryString {
             plural(self.args.len()),
             self.template
         ))
+    }
+}
+
+/// A query being spliced in by [`QueryString::compile_into`]: what is left of its
+/// template and of its arguments.
+struct Splice<'a> {
+    query: &'a QueryString,
+    pieces: Pieces<'a>,
+    args: std::slice::Iter<'a, Arg>,
+}
+
+impl<'a> Splice<'a> {
+    /// Starts splicing `query`; a raw query is appended whole at once (`None`).
+    fn start(query: &'a QueryString, sql: &mut String) -> Result<Option<Self>> {
+        if !query.raw {
+            return Ok(Some(Self {
+                query,
+                pieces: Pieces::of(&query.template),
+                args: query.args.iter(),
+            }));
+        }
+        if !query.args.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "a raw or positional ($n) query cannot be nested, it has {} arguments",
+                query.args.len()
+            )));
+        }
+        sql.push_str(&query.template);
+        Ok(None)
+    }
+}
+
+/// Drops nested queries one level at a time from a list, not by recursion, so that a
+/// query nested any depth deep is dropped on any thread.
+impl Drop for QueryString {
+    fn drop(&mut self) {
+        if !self.args.iter().any(|arg| matches!(arg, Arg::Query(_))) {
+            return;
+        }
+        let mut nested = Vec::new();
+        take_nested(&mut self.args, &mut nested);
+        while let Some(mut query) = nested.pop() {
+            take_nested(&mut query.args, &mut nested);
+        } // each `query` is dropped here with no nested query left in it
+    }
+}
+
+/// Moves the nested queries out of `args` onto `into`; values are dropped.
+fn take_nested(args: &mut Vec<Arg>, into: &mut Vec<QueryString>) {
+    for arg in args.drain(..) {
+        if let Arg::Query(query) = arg {
+            into.push(query);
+        }
     }
 }
 

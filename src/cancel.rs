@@ -20,17 +20,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
+use tokio_postgres::CancelToken;
 use tokio_postgres::config::Host;
-use tokio_postgres::{CancelToken, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+
+use crate::tls::Connector;
 
 /// Sends cancel requests to the server of one engine.
-#[derive(Debug)]
 pub(crate) struct Canceller {
     /// Where the server takes cancel requests; `None` when the configuration names
     /// several hosts, and which one a session is on is unknown.
     route: Option<Route>,
+    /// The host name TLS checks.
+    hostname: String,
     /// The most a cancel may take, connecting included.
     timeout: Duration,
+    /// The sessions' TLS connector: a cancel is encrypted when the session is.
+    tls: Connector,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller")
+            .field("route", &self.route)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One server address.
@@ -44,10 +59,16 @@ enum Route {
 
 impl Canceller {
     /// A canceller for the server(s) `pg` connects to.
-    pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration) -> Self {
+    pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration, tls: Connector) -> Self {
+        let hostname = match pg.get_hosts() {
+            [Host::Tcp(name)] => name.clone(),
+            _ => String::new(),
+        };
         Self {
             route: single_route(pg),
+            hostname,
             timeout,
+            tls,
         }
     }
 
@@ -56,17 +77,20 @@ impl Canceller {
     /// still cancelled if possible), and the session must not be reused.
     pub(crate) async fn cancel(&self, token: &CancelToken) -> bool {
         let Some(route) = &self.route else {
-            let _ = tokio::time::timeout(self.timeout, token.cancel_query(NoTls)).await;
+            let _ = tokio::time::timeout(self.timeout, token.cancel_query(self.tls.clone())).await;
             return false;
         };
         let sent = async {
             match route {
-                Route::Address(address) => send(token, TcpStream::connect(address).await?).await,
+                Route::Address(address) => {
+                    self.send(token, TcpStream::connect(address).await?).await
+                }
                 Route::Name(host, port) => {
-                    send(token, TcpStream::connect((host.as_str(), *port)).await?).await
+                    self.send(token, TcpStream::connect((host.as_str(), *port)).await?)
+                        .await
                 }
                 #[cfg(unix)]
-                Route::Socket(path) => send(token, UnixStream::connect(path).await?).await,
+                Route::Socket(path) => self.send(token, UnixStream::connect(path).await?).await,
             }
         };
         match tokio::time::timeout(self.timeout, sent).await {
@@ -81,17 +105,23 @@ impl Canceller {
             }
         }
     }
-}
 
-/// Sends the cancel request over `stream` and waits until the server closes it.
-async fn send<S>(token: &CancelToken, stream: S) -> io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    token
-        .cancel_query_raw(ClosedByServer::new(stream), NoTls)
-        .await
-        .map_err(io::Error::other)
+    /// Sends the cancel request over `stream` (over TLS when the session's `sslmode`
+    /// asks for it) and waits until the server closes it.
+    async fn send<S>(&self, token: &CancelToken, stream: S) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tls = MakeTlsConnect::<ClosedByServer<S>>::make_tls_connect(
+            &mut self.tls.clone(),
+            &self.hostname,
+        )
+        .map_err(io::Error::other)?;
+        token
+            .cancel_query_raw(ClosedByServer::new(stream), tls)
+            .await
+            .map_err(io::Error::other)
+    }
 }
 
 /// The one address of a single-host configuration: `hostaddr` over `host`, a unix

@@ -144,9 +144,17 @@ fn single_route(pg: &tokio_postgres::Config) -> Option<Route> {
 
 /// A stream whose shutdown, after closing its write half, reads until the peer closes
 /// too.
+///
+/// Over TLS the server may close (with a reset, as our `close_notify` is left unread)
+/// before the client's shutdown has written its `close_notify`; once the server has
+/// answered anything (the handshake), a reset or broken pipe is taken as its close.
 struct ClosedByServer<S> {
     inner: S,
     write_closed: bool,
+    /// The server has sent something.
+    answered: bool,
+    /// The server has closed the connection.
+    peer_closed: bool,
 }
 
 impl<S> ClosedByServer<S> {
@@ -154,7 +162,19 @@ impl<S> ClosedByServer<S> {
         Self {
             inner,
             write_closed: false,
+            answered: false,
+            peer_closed: false,
         }
+    }
+
+    /// Whether `error` says the peer has closed the connection.
+    fn closed_by_peer(error: &io::Error) -> bool {
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::NotConnected
+        )
     }
 }
 
@@ -164,7 +184,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClosedByServer<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        self.answered |= buf.filled().len() > before;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -174,22 +197,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClosedByServer<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.peer_closed {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match ready!(Pin::new(&mut self.inner).poll_write(cx, buf)) {
+            Err(e) if self.answered && Self::closed_by_peer(&e) => {
+                self.peer_closed = true;
+                Poll::Ready(Ok(buf.len()))
+            }
+            written => Poll::Ready(written),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_closed {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_closed {
+            return Poll::Ready(Ok(()));
+        }
         if !self.write_closed {
-            ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            match ready!(Pin::new(&mut self.inner).poll_shutdown(cx)) {
+                Err(e) if Self::closed_by_peer(&e) => return Poll::Ready(Ok(())),
+                result => result?,
+            }
             self.write_closed = true;
         }
         let mut scratch = [0u8; 64];
         loop {
             let mut unread = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut unread))?;
+            match ready!(Pin::new(&mut self.inner).poll_read(cx, &mut unread)) {
+                Err(e) if Self::closed_by_peer(&e) => return Poll::Ready(Ok(())),
+                result => result?,
+            }
             if unread.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }

@@ -533,6 +533,44 @@ impl EngineBuilder {
     }
 }
 
+/// libpq's environment variables and the parameters they stand for.
+const ENVIRONMENT: &[(&str, &str)] = &[
+    ("PGHOST", "host"),
+    ("PGHOSTADDR", "hostaddr"),
+    ("PGPORT", "port"),
+    ("PGUSER", "user"),
+    ("PGPASSWORD", "password"),
+    ("PGDATABASE", "dbname"),
+    ("PGSSLMODE", "sslmode"),
+    ("PGSSLROOTCERT", "sslrootcert"),
+    ("PGSSLCERT", "sslcert"),
+    ("PGSSLKEY", "sslkey"),
+    ("PGSSLNEGOTIATION", "sslnegotiation"),
+    ("PGCHANNELBINDING", "channel_binding"),
+    ("PGGSSENCMODE", "gssencmode"),
+    ("PGAPPNAME", "application_name"),
+    ("PGOPTIONS", "options"),
+    ("PGCONNECT_TIMEOUT", "connect_timeout"),
+    ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
+];
+
+/// A `key=value` connection string from libpq's environment variables (`PGHOST`,
+/// `PGPORT`, `PGUSER`, …), or `None` when none is set.
+pub(crate) fn from_environment() -> Option<String> {
+    let pairs: Vec<String> = ENVIRONMENT
+        .iter()
+        .filter_map(|(variable, key)| {
+            let value = std::env::var(variable).ok().filter(|v| !v.is_empty())?;
+            Some(format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            ))
+        })
+        .collect();
+    (!pairs.is_empty()).then(|| pairs.join(" "))
+}
+
 /// The libpq parameters the driver does not parse (or parses differently); pgengine
 /// reads them itself.
 const OWN_PARAMETERS: &[&str] = &[
@@ -563,8 +601,13 @@ impl UrlSettings {
     fn parse(url: &str, without_hosts: bool) -> Result<Self> {
         let split = conninfo::split(url, OWN_PARAMETERS, false)?;
         let driver_parse = |text: &str| {
-            tokio_postgres::Config::from_str(text)
-                .map_err(|e| Error::new(ErrorKind::Config, format!("invalid database URL: {e}")))
+            tokio_postgres::Config::from_str(text).map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+                Error::new(
+                    ErrorKind::Config,
+                    format!("invalid database URL: {e}{}", cause.unwrap_or_default()),
+                )
+            })
         };
         let hosts = driver_parse(&split.driver)?;
         let driver = if without_hosts {

@@ -37,7 +37,11 @@ pub(crate) fn split(conninfo: &str, take: &[&str], drop_hosts: bool) -> Result<S
             base.to_owned()
         };
         let mut kept = Vec::new();
-        for part in query.into_iter().flat_map(|q| q.split('&')) {
+        for part in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
             let Some((key, value)) = part.split_once('=') else {
                 return Err(invalid("unterminated parameter in the URL's query"));
             };

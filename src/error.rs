@@ -398,7 +398,12 @@ impl fmt::Display for Error {
             write!(f, " [after {attempts} attempts]")?;
         }
         if let (ErrorKind::Connect, Some(source)) = (inner.kind, &inner.source) {
-            write!(f, ": {source}")?;
+            // The whole chain: a TLS failure says why only in its innermost cause.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+            while let Some(error) = cause {
+                write!(f, ": {error}")?;
+                cause = error.source();
+            }
         }
         Ok(())
     }

@@ -8,6 +8,14 @@
 //! has tokio-postgres send it over a socket that, on shutdown, waits for that close.
 //! From then on the session has the signal: it cancels the abandoned request, or is
 //! dropped by the server if it came when the session was idle.
+//!
+//! Where the cancel goes: a session that must use TLS (`sslmode` `require`,
+//! `verify-ca`, `verify-full`) is cancelled through the driver, which connects to the
+//! very address the session is on (with several hosts too); the TLS connector wraps
+//! that socket so that its shutdown still waits. Other sessions are cancelled at the
+//! configured address: `hostaddr`, an IP address or a unix socket are exact, but a
+//! host name is resolved again (the driver does not tell which address a plaintext
+//! session is on), so with round-robin DNS give `hostaddr` to pin it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +45,9 @@ pub(crate) struct Canceller {
     timeout: Duration,
     /// The sessions' TLS connector: a cancel is encrypted when the session is.
     tls: Connector,
+    /// Every session uses TLS, so the driver's own route to its address can be used.
+    #[cfg(feature = "tls")]
+    tls_required: bool,
 }
 
 impl std::fmt::Debug for Canceller {
@@ -69,6 +80,8 @@ impl Canceller {
             hostname,
             timeout,
             tls,
+            #[cfg(feature = "tls")]
+            tls_required: pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require,
         }
     }
 
@@ -76,6 +89,16 @@ impl Canceller {
     /// has signalled the session; `false` when that cannot be known (the request is
     /// still cancelled if possible), and the session must not be reused.
     pub(crate) async fn cancel(&self, token: &CancelToken) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls_required {
+            let sent = async {
+                token
+                    .cancel_query(closing::CancelTls(self.tls.clone()))
+                    .await
+                    .map_err(io::Error::other)
+            };
+            return self.acted_on(tokio::time::timeout(self.timeout, sent).await);
+        }
         let Some(route) = &self.route else {
             let _ = tokio::time::timeout(self.timeout, token.cancel_query(self.tls.clone())).await;
             return false;
@@ -93,7 +116,15 @@ impl Canceller {
                 Route::Socket(path) => self.send(token, UnixStream::connect(path).await?).await,
             }
         };
-        match tokio::time::timeout(self.timeout, sent).await {
+        self.acted_on(tokio::time::timeout(self.timeout, sent).await)
+    }
+
+    /// Whether a cancel request, sent within the timeout or not, was acted on.
+    fn acted_on(
+        &self,
+        sent: std::result::Result<io::Result<()>, tokio::time::error::Elapsed>,
+    ) -> bool {
+        match sent {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::warn!(target: "pgengine::pool", error = %e, "a cancel request failed");
@@ -237,6 +268,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClosedByServer<S> {
             if unread.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+mod closing {
+    //! A TLS connector for the driver's own cancel route whose streams wait for the
+    //! server's close on shutdown.
+
+    use tokio_postgres::Socket;
+    use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+    use super::ClosedByServer;
+    use crate::tls::Connector;
+
+    type Inner = <Connector as MakeTlsConnect<ClosedByServer<Socket>>>::TlsConnect;
+
+    /// Makes TLS connections over a [`ClosedByServer`] socket.
+    pub(super) struct CancelTls(pub(super) Connector);
+
+    /// One such connection.
+    pub(super) struct CancelTlsConnect(Inner);
+
+    impl MakeTlsConnect<Socket> for CancelTls {
+        type Stream = <Inner as TlsConnect<ClosedByServer<Socket>>>::Stream;
+        type TlsConnect = CancelTlsConnect;
+        type Error = <Connector as MakeTlsConnect<ClosedByServer<Socket>>>::Error;
+
+        fn make_tls_connect(&mut self, hostname: &str) -> Result<CancelTlsConnect, Self::Error> {
+            MakeTlsConnect::<ClosedByServer<Socket>>::make_tls_connect(&mut self.0, hostname)
+                .map(CancelTlsConnect)
+        }
+    }
+
+    impl TlsConnect<Socket> for CancelTlsConnect {
+        type Stream = <Inner as TlsConnect<ClosedByServer<Socket>>>::Stream;
+        type Error = <Inner as TlsConnect<ClosedByServer<Socket>>>::Error;
+        type Future = <Inner as TlsConnect<ClosedByServer<Socket>>>::Future;
+
+        fn connect(self, stream: Socket) -> Self::Future {
+            self.0.connect(ClosedByServer::new(stream))
         }
     }
 }

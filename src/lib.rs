@@ -25,6 +25,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// Without TLS the connector is `NoTls`, which is `Copy`; the code clones it as it does rustls'.
+#![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
 
 mod atomic;
 mod batch;

@@ -7,7 +7,9 @@
 //! with one, as libpq), chain and host name for `verify-full`.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "tls")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use tokio_postgres::config::{Host, SslMode as DriverSslMode};
@@ -312,7 +314,9 @@ fn read_file(parameter: &str, path: &Path) -> Result<Vec<u8>> {
 mod rustls_config {
     //! rustls client configurations for each level of verification.
 
-    use std::path::{Path, PathBuf};
+    #[cfg(feature = "tls")]
+    use std::path::Path;
+    use std::path::PathBuf;
     use std::sync::Arc;
 
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

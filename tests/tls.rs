@@ -355,15 +355,10 @@ async fn passwords_and_channel_binding() {
     assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
 }
 
-#[tokio::test]
-async fn an_abandoned_query_over_tls_is_cancelled_and_its_connection_reused() {
-    let server = tls_server();
-    let url = server.url(
-        "postgres",
-        "localhost",
-        &format!("sslmode=verify-full&sslrootcert={}", server.ca.display()),
-    );
-    let engine = connect(&url).await.unwrap();
+/// Abandons a `pg_sleep(60)` on `url`'s pool of 1 and checks that the next query runs
+/// on the same backend (the cancel was acknowledged), over TLS.
+async fn abandon_and_reuse(url: &str) {
+    let engine = connect(url).await.unwrap();
     let pid: i32 = engine
         .fetch_one("SELECT pg_backend_pid()")
         .await
@@ -375,7 +370,6 @@ async fn an_abandoned_query_over_tls_is_cancelled_and_its_connection_reused() {
     )
     .await;
     assert!(abandoned.is_err(), "pg_sleep(60) finished");
-    // The next query runs on the same backend once the sleep is cancelled (a pool of 1).
     let row = tokio::time::timeout(
         Duration::from_secs(30),
         engine.fetch_one(
@@ -388,4 +382,24 @@ async fn an_abandoned_query_over_tls_is_cancelled_and_its_connection_reused() {
     assert_eq!(row.get::<_, i32>(0), pid, "the connection was not reused");
     assert!(row.get::<_, bool>(1));
     engine.close_connection_pool().await;
+}
+
+#[tokio::test]
+async fn an_abandoned_query_over_tls_is_cancelled_and_its_connection_reused() {
+    let server = tls_server();
+    let query = format!("sslmode=verify-full&sslrootcert={}", server.ca.display());
+    abandon_and_reuse(&server.url("postgres", "localhost", &query)).await;
+}
+
+#[tokio::test]
+async fn with_several_hosts_a_tls_session_is_cancelled_at_its_own_address() {
+    // The driver knows which host and address the session is on; a cancel sent there
+    // is acknowledged, so the connection is kept.
+    let server = tls_server();
+    let port = server.cluster.port();
+    let url = format!(
+        "postgres://postgres@localhost:{port},127.0.0.1:{port}/postgres?sslmode=verify-ca&sslrootcert={}",
+        server.ca.display()
+    );
+    abandon_and_reuse(&url).await;
 }

@@ -516,6 +516,11 @@ impl EngineBuilder {
         if pg.get_application_name().is_none() {
             pg.application_name("pgengine");
         }
+        if pg.get_password().is_none()
+            && let Some(password) = password_from_file(&pg, url.passfile.as_deref())
+        {
+            pg.password(password);
+        }
         let connect_timeout = parts
             .get_connect_timeout()
             .or(pg.get_connect_timeout())
@@ -584,6 +589,7 @@ const OWN_PARAMETERS: &[&str] = &[
     "keepalives_count",
     "tcp_user_timeout",
     "gssencmode",
+    "passfile",
 ];
 
 /// What a URL says: the driver's configuration of everything it parses, and the rest.
@@ -595,6 +601,7 @@ struct UrlSettings {
     hosts: tokio_postgres::Config,
     tls: TlsSettings,
     keepalive: Keepalive,
+    passfile: Option<PathBuf>,
 }
 
 impl UrlSettings {
@@ -661,6 +668,7 @@ impl UrlSettings {
                 let n: i64 = value.trim().parse().map_err(|_| invalid("milliseconds"))?;
                 self.keepalive.tcp_user_timeout = (n > 0).then(|| Duration::from_millis(n as u64));
             }
+            "passfile" => self.passfile = Some(PathBuf::from(value)),
             "gssencmode" => match value {
                 // Without GSSAPI support, libpq treats `prefer` as `disable`.
                 "disable" | "prefer" => {}
@@ -676,6 +684,30 @@ impl UrlSettings {
         }
         Ok(())
     }
+}
+
+/// The password file's password for the first host of `pg` (libpq's `passfile`, else
+/// `PGPASSFILE`, else `~/.pgpass`).
+fn password_from_file(
+    pg: &tokio_postgres::Config,
+    file: Option<&std::path::Path>,
+) -> Option<String> {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first()? {
+        Host::Tcp(name) => name.clone(),
+        // libpq matches its default socket directory as `localhost`.
+        Host::Unix(dir)
+            if ["/var/run/postgresql", "/run/postgresql", "/tmp"]
+                .iter()
+                .any(|d| dir == std::path::Path::new(d)) =>
+        {
+            "localhost".to_owned()
+        }
+        Host::Unix(dir) => dir.display().to_string(),
+    };
+    let user = pg.get_user()?;
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    crate::passfile::lookup(file, &host, port, pg.get_dbname().unwrap_or(user), user)
 }
 
 /// Sets the host list: the builder's hosts, ports and addresses where it gave them,

@@ -37,6 +37,7 @@ mod conninfo;
 mod engine;
 mod error;
 mod executor;
+mod passfile;
 mod pipeline;
 mod pool;
 pub mod query;

@@ -4,7 +4,8 @@
 //!
 //! Each `sslmode` connects or fails as libpq does; `verify-full` checks the CA and the
 //! host name, `verify-ca` only the CA; client certificates, passwords and channel
-//! binding; an abandoned query over TLS is cancelled and its connection reused.
+//! binding; an abandoned query over TLS is cancelled and its connection reused; the
+//! password file; unix-socket hosts.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -402,4 +403,68 @@ async fn with_several_hosts_a_tls_session_is_cancelled_at_its_own_address() {
         server.ca.display()
     );
     abandon_and_reuse(&url).await;
+}
+
+#[tokio::test]
+async fn the_password_file_gives_the_password_as_libpq_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = plain_server();
+    let port = server.cluster.port();
+    let file = server.cluster.temp_dir().join("pgpass");
+    // Comments, non-matching lines, `*` and an escaped `\:` as libpq reads them; the
+    // password is only on the matching line.
+    let escaped = PASSWORD.replace('\\', "\\\\").replace(':', "\\:");
+    std::fs::write(
+        &file,
+        format!(
+            "# a comment\n\
+             otherhost:{port}:*:scram_user:wrong\n\
+             localhost:{port}:otherdb:scram_user:wrong\n\
+             localhost:{port}:*:scram_user:{escaped}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = server.url(
+        "scram_user",
+        "localhost",
+        &format!("passfile={}", file.display()),
+    );
+    let engine = connect(&url).await.unwrap();
+    let user: String = engine
+        .fetch_one("SELECT current_user::text")
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "scram_user");
+    engine.close_connection_pool().await;
+    // A file that others can read is ignored, as libpq does: no password to send.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = failure(&url).await;
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
+    assert!(err.to_string().contains("password"), "{err}");
+}
+
+#[tokio::test]
+async fn unix_socket_hosts_connect_without_tls_whatever_the_sslmode() {
+    // PostgreSQL has no TLS over unix sockets; libpq ignores sslmode there.
+    let server = tls_server();
+    for mode in ["disable", "prefer", "require"] {
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres sslmode={mode}",
+            server.cluster.socket_dir().display(),
+            server.cluster.port()
+        );
+        let engine = connect(&conninfo)
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let over_socket: bool = engine
+            .fetch_one("SELECT inet_client_addr() IS NULL")
+            .await
+            .unwrap()
+            .get(0);
+        assert!(over_socket, "{mode}");
+        assert!(!uses_tls(&engine).await, "{mode}");
+        engine.close_connection_pool().await;
+    }
 }

@@ -533,6 +533,7 @@ impl EngineBuilder {
             .apply(&mut pg);
         let tls = Tls::resolve(&url.tls.overridden_by(&network.tls), pg.get_hosts())?;
         pg.ssl_mode(tls.mode);
+        refuse_what_cannot_be_honoured(&pg, &tls)?;
         self.settings.tls = tls;
         Ok((pg, self.settings))
     }
@@ -684,6 +685,31 @@ impl UrlSettings {
         }
         Ok(())
     }
+}
+
+/// A `Config` error for settings no connection can meet, rather than a failure (or a
+/// weaker connection) later.
+fn refuse_what_cannot_be_honoured(pg: &tokio_postgres::Config, tls: &Tls) -> Result<()> {
+    use tokio_postgres::config::{SslMode as DriverSslMode, SslNegotiation};
+    let refuse = |message: &str| Err(Error::new(ErrorKind::Config, message));
+    let (hosts, addresses) = (pg.get_hosts().len(), pg.get_hostaddrs().len());
+    if addresses > 0 && hosts != addresses {
+        return refuse("hostaddr must give one address per host");
+    }
+    let ports = pg.get_ports().len();
+    if ports > 1 && ports != hosts {
+        return refuse("port must give one port, or one per host");
+    }
+    let may_use_tls = tls.mode != DriverSslMode::Disable || tls.retry_with_tls;
+    if pg.get_channel_binding() == ChannelBinding::Require && !may_use_tls {
+        return refuse(
+            "channel_binding=require needs TLS, which sslmode (or a unix socket) rules out",
+        );
+    }
+    if pg.get_ssl_negotiation() == SslNegotiation::Direct && tls.mode != DriverSslMode::Require {
+        return refuse("sslnegotiation=direct needs sslmode=require, verify-ca or verify-full");
+    }
+    Ok(())
 }
 
 /// The password file's password for the first host of `pg` (libpq's `passfile`, else

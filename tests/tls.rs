@@ -266,6 +266,14 @@ async fn bad_tls_settings_are_config_errors_naming_the_parameter() {
         ("keepalives_count=many".to_owned(), "keepalives_count"),
         ("tcp_user_timeout=soon".to_owned(), "tcp_user_timeout"),
         ("channel_binding=always".to_owned(), "channel_binding"),
+        // Settings no connection can meet.
+        (
+            "channel_binding=require&sslmode=disable".to_owned(),
+            "channel_binding",
+        ),
+        ("sslnegotiation=direct".to_owned(), "sslnegotiation"),
+        ("hostaddr=127.0.0.1,127.0.0.2".to_owned(), "hostaddr"),
+        ("gssencmode=require".to_owned(), "gssencmode"),
     ];
     for (query, parameter) in cases {
         let err = failure(&server.url("postgres", "localhost", &query)).await;

@@ -8,6 +8,14 @@
 //! has tokio-postgres send it over a socket that, on shutdown, waits for that close.
 //! From then on the session has the signal: it cancels the abandoned request, or is
 //! dropped by the server if it came when the session was idle.
+//!
+//! Where the cancel goes: a session that must use TLS (`sslmode` `require`,
+//! `verify-ca`, `verify-full`) is cancelled through the driver, which connects to the
+//! very address the session is on (with several hosts too); the TLS connector wraps
+//! that socket so that its shutdown still waits. Other sessions are cancelled at the
+//! configured address: `hostaddr`, an IP address or a unix socket are exact, but a
+//! host name is resolved again (the driver does not tell which address a plaintext
+//! session is on), so with round-robin DNS give `hostaddr` to pin it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,17 +28,35 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
+use tokio_postgres::CancelToken;
 use tokio_postgres::config::Host;
-use tokio_postgres::{CancelToken, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+
+use crate::tls::Connector;
 
 /// Sends cancel requests to the server of one engine.
-#[derive(Debug)]
 pub(crate) struct Canceller {
     /// Where the server takes cancel requests; `None` when the configuration names
     /// several hosts, and which one a session is on is unknown.
     route: Option<Route>,
+    /// The host name TLS checks.
+    hostname: String,
     /// The most a cancel may take, connecting included.
     timeout: Duration,
+    /// The sessions' TLS connector: a cancel is encrypted when the session is.
+    tls: Connector,
+    /// Every session uses TLS, so the driver's own route to its address can be used.
+    #[cfg(feature = "tls")]
+    tls_required: bool,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller")
+            .field("route", &self.route)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One server address.
@@ -44,10 +70,18 @@ enum Route {
 
 impl Canceller {
     /// A canceller for the server(s) `pg` connects to.
-    pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration) -> Self {
+    pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration, tls: Connector) -> Self {
+        let hostname = match pg.get_hosts() {
+            [Host::Tcp(name)] => name.clone(),
+            _ => String::new(),
+        };
         Self {
             route: single_route(pg),
+            hostname,
             timeout,
+            tls,
+            #[cfg(feature = "tls")]
+            tls_required: pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require,
         }
     }
 
@@ -55,21 +89,42 @@ impl Canceller {
     /// has signalled the session; `false` when that cannot be known (the request is
     /// still cancelled if possible), and the session must not be reused.
     pub(crate) async fn cancel(&self, token: &CancelToken) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls_required {
+            let sent = async {
+                token
+                    .cancel_query(closing::CancelTls(self.tls.clone()))
+                    .await
+                    .map_err(io::Error::other)
+            };
+            return self.acted_on(tokio::time::timeout(self.timeout, sent).await);
+        }
         let Some(route) = &self.route else {
-            let _ = tokio::time::timeout(self.timeout, token.cancel_query(NoTls)).await;
+            let _ = tokio::time::timeout(self.timeout, token.cancel_query(self.tls.clone())).await;
             return false;
         };
         let sent = async {
             match route {
-                Route::Address(address) => send(token, TcpStream::connect(address).await?).await,
+                Route::Address(address) => {
+                    self.send(token, TcpStream::connect(address).await?).await
+                }
                 Route::Name(host, port) => {
-                    send(token, TcpStream::connect((host.as_str(), *port)).await?).await
+                    self.send(token, TcpStream::connect((host.as_str(), *port)).await?)
+                        .await
                 }
                 #[cfg(unix)]
-                Route::Socket(path) => send(token, UnixStream::connect(path).await?).await,
+                Route::Socket(path) => self.send(token, UnixStream::connect(path).await?).await,
             }
         };
-        match tokio::time::timeout(self.timeout, sent).await {
+        self.acted_on(tokio::time::timeout(self.timeout, sent).await)
+    }
+
+    /// Whether a cancel request, sent within the timeout or not, was acted on.
+    fn acted_on(
+        &self,
+        sent: std::result::Result<io::Result<()>, tokio::time::error::Elapsed>,
+    ) -> bool {
+        match sent {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::warn!(target: "pgengine::pool", error = %e, "a cancel request failed");
@@ -81,17 +136,23 @@ impl Canceller {
             }
         }
     }
-}
 
-/// Sends the cancel request over `stream` and waits until the server closes it.
-async fn send<S>(token: &CancelToken, stream: S) -> io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    token
-        .cancel_query_raw(ClosedByServer::new(stream), NoTls)
-        .await
-        .map_err(io::Error::other)
+    /// Sends the cancel request over `stream` (over TLS when the session's `sslmode`
+    /// asks for it) and waits until the server closes it.
+    async fn send<S>(&self, token: &CancelToken, stream: S) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tls = MakeTlsConnect::<ClosedByServer<S>>::make_tls_connect(
+            &mut self.tls.clone(),
+            &self.hostname,
+        )
+        .map_err(io::Error::other)?;
+        token
+            .cancel_query_raw(ClosedByServer::new(stream), tls)
+            .await
+            .map_err(io::Error::other)
+    }
 }
 
 /// The one address of a single-host configuration: `hostaddr` over `host`, a unix
@@ -114,9 +175,17 @@ fn single_route(pg: &tokio_postgres::Config) -> Option<Route> {
 
 /// A stream whose shutdown, after closing its write half, reads until the peer closes
 /// too.
+///
+/// Over TLS the server may close (with a reset, as our `close_notify` is left unread)
+/// before the client's shutdown has written its `close_notify`; once the server has
+/// answered anything (the handshake), a reset or broken pipe is taken as its close.
 struct ClosedByServer<S> {
     inner: S,
     write_closed: bool,
+    /// The server has sent something.
+    answered: bool,
+    /// The server has closed the connection.
+    peer_closed: bool,
 }
 
 impl<S> ClosedByServer<S> {
@@ -124,7 +193,19 @@ impl<S> ClosedByServer<S> {
         Self {
             inner,
             write_closed: false,
+            answered: false,
+            peer_closed: false,
         }
+    }
+
+    /// Whether `error` says the peer has closed the connection.
+    fn closed_by_peer(error: &io::Error) -> bool {
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::NotConnected
+        )
     }
 }
 
@@ -134,7 +215,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClosedByServer<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        self.answered |= buf.filled().len() > before;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -144,25 +228,87 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClosedByServer<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.peer_closed {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match ready!(Pin::new(&mut self.inner).poll_write(cx, buf)) {
+            Err(e) if self.answered && Self::closed_by_peer(&e) => {
+                self.peer_closed = true;
+                Poll::Ready(Ok(buf.len()))
+            }
+            written => Poll::Ready(written),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_closed {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_closed {
+            return Poll::Ready(Ok(()));
+        }
         if !self.write_closed {
-            ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            match ready!(Pin::new(&mut self.inner).poll_shutdown(cx)) {
+                Err(e) if Self::closed_by_peer(&e) => return Poll::Ready(Ok(())),
+                result => result?,
+            }
             self.write_closed = true;
         }
         let mut scratch = [0u8; 64];
         loop {
             let mut unread = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut unread))?;
+            match ready!(Pin::new(&mut self.inner).poll_read(cx, &mut unread)) {
+                Err(e) if Self::closed_by_peer(&e) => return Poll::Ready(Ok(())),
+                result => result?,
+            }
             if unread.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+mod closing {
+    //! A TLS connector for the driver's own cancel route whose streams wait for the
+    //! server's close on shutdown.
+
+    use tokio_postgres::Socket;
+    use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+    use super::ClosedByServer;
+    use crate::tls::Connector;
+
+    type Inner = <Connector as MakeTlsConnect<ClosedByServer<Socket>>>::TlsConnect;
+
+    /// Makes TLS connections over a [`ClosedByServer`] socket.
+    pub(super) struct CancelTls(pub(super) Connector);
+
+    /// One such connection.
+    pub(super) struct CancelTlsConnect(Inner);
+
+    impl MakeTlsConnect<Socket> for CancelTls {
+        type Stream = <Inner as TlsConnect<ClosedByServer<Socket>>>::Stream;
+        type TlsConnect = CancelTlsConnect;
+        type Error = <Connector as MakeTlsConnect<ClosedByServer<Socket>>>::Error;
+
+        fn make_tls_connect(&mut self, hostname: &str) -> Result<CancelTlsConnect, Self::Error> {
+            MakeTlsConnect::<ClosedByServer<Socket>>::make_tls_connect(&mut self.0, hostname)
+                .map(CancelTlsConnect)
+        }
+    }
+
+    impl TlsConnect<Socket> for CancelTlsConnect {
+        type Stream = <Inner as TlsConnect<ClosedByServer<Socket>>>::Stream;
+        type Error = <Inner as TlsConnect<ClosedByServer<Socket>>>::Error;
+        type Future = <Inner as TlsConnect<ClosedByServer<Socket>>>::Future;
+
+        fn connect(self, stream: Socket) -> Self::Future {
+            self.0.connect(ClosedByServer::new(stream))
         }
     }
 }

@@ -1,11 +1,17 @@
 //! Engine configuration: [`EngineBuilder`], from a URL, parts, or `DATABASE_URL`. No I/O.
 
 use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use tokio_postgres::config::ChannelBinding;
+
+use crate::conninfo;
 use crate::engine::PostgresEngine;
 use crate::error::{Error, ErrorKind, Result};
+use crate::tls::{RootCert, SslMode, Tls, TlsSettings};
 
 /// Builds a [`PostgresEngine`]: where the server is, how big the pool is, what to log.
 ///
@@ -28,6 +34,56 @@ pub struct EngineBuilder {
     url: Option<String>,
     pg: tokio_postgres::Config,
     pub(crate) settings: EngineSettings,
+    network: NetworkSettings,
+}
+
+/// Connection settings given on the builder that the driver's `Config` cannot tell
+/// apart from its defaults; each replaces the URL's when set.
+#[derive(Clone, Debug, Default)]
+struct NetworkSettings {
+    tls: TlsSettings,
+    hostaddrs: Vec<IpAddr>,
+    channel_binding: Option<ChannelBinding>,
+    keepalive: Keepalive,
+}
+
+/// TCP keepalive and `tcp_user_timeout`, as libpq names them; `None` is "not given".
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Keepalive {
+    keepalives: Option<bool>,
+    idle: Option<Duration>,
+    interval: Option<Duration>,
+    count: Option<u32>,
+    tcp_user_timeout: Option<Duration>,
+}
+
+impl Keepalive {
+    /// The defaults: probes after 30 s idle, every 10 s, 3 unanswered ones close the
+    /// connection; data unacknowledged for 30 s closes it too. A peer that vanishes
+    /// silently is noticed within about a minute.
+    const IDLE: Duration = Duration::from_secs(30);
+    const INTERVAL: Duration = Duration::from_secs(10);
+    const COUNT: u32 = 3;
+    const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn overridden_by(self, over: &Keepalive) -> Self {
+        Self {
+            keepalives: over.keepalives.or(self.keepalives),
+            idle: over.idle.or(self.idle),
+            interval: over.interval.or(self.interval),
+            count: over.count.or(self.count),
+            tcp_user_timeout: over.tcp_user_timeout.or(self.tcp_user_timeout),
+        }
+    }
+
+    /// Sets these (or the defaults) on `pg`.
+    fn apply(&self, pg: &mut tokio_postgres::Config) {
+        pg.keepalives(self.keepalives.unwrap_or(true));
+        pg.keepalives_idle(self.idle.unwrap_or(Self::IDLE));
+        pg.keepalives_interval(self.interval.unwrap_or(Self::INTERVAL));
+        pg.keepalives_retries(self.count.unwrap_or(Self::COUNT));
+        pg.tcp_user_timeout(self.tcp_user_timeout.unwrap_or(Self::TCP_USER_TIMEOUT));
+    }
 }
 
 /// What the engine needs after it is built (everything but the connection parameters).
@@ -44,6 +100,8 @@ pub(crate) struct EngineSettings {
     /// Set by the builder or the URL; else [`DEFAULT_STATEMENT_CACHE_CAPACITY`].
     pub statement_cache_capacity: Option<usize>,
     pub lifecycle: crate::lifecycle::Lifecycle,
+    /// How connections use TLS.
+    pub tls: Tls,
 }
 
 impl Default for EngineSettings {
@@ -59,6 +117,7 @@ impl Default for EngineSettings {
             slow_query_threshold: None,
             statement_cache_capacity: None,
             lifecycle: crate::lifecycle::Lifecycle::default(),
+            tls: Tls::plain(),
         }
     }
 }
@@ -82,6 +141,7 @@ impl EngineBuilder {
             url: None,
             pg: tokio_postgres::Config::new(),
             settings: EngineSettings::default(),
+            network: NetworkSettings::default(),
         }
     }
 
@@ -176,7 +236,8 @@ impl EngineBuilder {
         self
     }
 
-    /// How long opening one connection may take (default 10 s).
+    /// How long opening one connection may take (default 10 s, or the URL's
+    /// `connect_timeout`).
     ///
     /// ```
     /// use std::time::Duration;
@@ -184,7 +245,7 @@ impl EngineBuilder {
     /// # let _ = builder;
     /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.connect_timeout = timeout;
+        self.pg.connect_timeout(timeout);
         self
     }
 
@@ -196,6 +257,135 @@ impl EngineBuilder {
     /// ```
     pub fn application_name(mut self, name: &str) -> Self {
         self.pg.application_name(name);
+        self
+    }
+
+    /// The server's IP address, used instead of resolving the host name (libpq's
+    /// `hostaddr`); the host name is still the one TLS checks. Call once per host.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .host("db.internal")
+    ///     .hostaddr("10.0.0.7".parse().unwrap());
+    /// # let _ = builder;
+    /// ```
+    pub fn hostaddr(mut self, address: IpAddr) -> Self {
+        self.network.hostaddrs.push(address);
+        self
+    }
+
+    /// How much TLS to use, as libpq's `sslmode` (default [`SslMode::Prefer`]).
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().ssl_mode(pgengine::SslMode::VerifyFull);
+    /// # let _ = builder;
+    /// ```
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.network.tls.mode = Some(mode);
+        self
+    }
+
+    /// The CA certificates (a PEM file) that the server's certificate must chain to, as
+    /// libpq's `sslrootcert`; `"system"` means the platform's trusted roots (and then
+    /// `sslmode` must be `verify-full`, its default with `system`).
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .ssl_mode(pgengine::SslMode::VerifyFull)
+    ///     .ssl_root_cert("/etc/ssl/db-ca.pem");
+    /// # let _ = builder;
+    /// ```
+    pub fn ssl_root_cert(mut self, file: impl AsRef<str>) -> Self {
+        self.network.tls.root_cert = Some(RootCert::parse(file.as_ref()));
+        self
+    }
+
+    /// A client certificate and its private key (PEM files), as libpq's `sslcert` and
+    /// `sslkey`; the key must not be readable by group or others.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .ssl_client_cert("/etc/app/client.crt", "/etc/app/client.key");
+    /// # let _ = builder;
+    /// ```
+    pub fn ssl_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.network.tls.cert = Some(cert.into());
+        self.network.tls.key = Some(key.into());
+        self
+    }
+
+    /// SCRAM channel binding, as libpq's `channel_binding` (default `Prefer`);
+    /// `Require` refuses a server that does not bind the authentication to the TLS
+    /// session.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .channel_binding(pgengine::config::ChannelBinding::Require);
+    /// # let _ = builder;
+    /// ```
+    pub fn channel_binding(mut self, binding: ChannelBinding) -> Self {
+        self.network.channel_binding = Some(binding);
+        self
+    }
+
+    /// Whether TCP keepalive probes are sent (libpq's `keepalives`, default on).
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().keepalives(false);
+    /// # let _ = builder;
+    /// ```
+    pub fn keepalives(mut self, on: bool) -> Self {
+        self.network.keepalive.keepalives = Some(on);
+        self
+    }
+
+    /// Idle time before the first keepalive probe (libpq's `keepalives_idle`, default
+    /// 30 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgengine::EngineBuilder::new().keepalives_idle(Duration::from_secs(60));
+    /// # let _ = builder;
+    /// ```
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.network.keepalive.idle = Some(idle);
+        self
+    }
+
+    /// Time between keepalive probes (libpq's `keepalives_interval`, default 10 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgengine::EngineBuilder::new().keepalives_interval(Duration::from_secs(5));
+    /// # let _ = builder;
+    /// ```
+    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
+        self.network.keepalive.interval = Some(interval);
+        self
+    }
+
+    /// Unanswered probes before the connection is considered dead (libpq's
+    /// `keepalives_count`, default 3).
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().keepalives_count(5);
+    /// # let _ = builder;
+    /// ```
+    pub fn keepalives_count(mut self, count: u32) -> Self {
+        self.network.keepalive.count = Some(count);
+        self
+    }
+
+    /// How long sent data may stay unacknowledged before the connection is closed
+    /// (libpq's `tcp_user_timeout`, in milliseconds there; default 30 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgengine::EngineBuilder::new().tcp_user_timeout(Duration::from_secs(20));
+    /// # let _ = builder;
+    /// ```
+    pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
+        self.network.keepalive.tcp_user_timeout = Some(timeout);
         self
     }
 
@@ -288,15 +478,51 @@ impl EngineBuilder {
         PostgresEngine::open(pg, settings).await
     }
 
-    /// The driver configuration and the engine settings, with the URL applied under the parts.
+    /// The driver configuration and the engine settings: the URL's configuration with
+    /// what the builder set applied over it.
     pub(crate) fn into_parts(mut self) -> Result<(tokio_postgres::Config, EngineSettings)> {
         self.take_url_engine_params()?;
-        let from_url = match &self.url {
-            Some(url) => tokio_postgres::Config::from_str(url)
-                .map_err(|e| Error::new(ErrorKind::Config, format!("invalid database URL: {e}")))?,
-            None => tokio_postgres::Config::new(),
+        if self.settings.max_connections == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "max_connections must be at least 1",
+            ));
+        }
+        let parts = &self.pg;
+        let network = &self.network;
+        let replace_hosts = !parts.get_hosts().is_empty()
+            || !parts.get_ports().is_empty()
+            || !network.hostaddrs.is_empty();
+        let url = match &self.url {
+            Some(url) => UrlSettings::parse(url, replace_hosts)?,
+            None => UrlSettings::default(),
         };
-        let mut pg = combine(&from_url, &self.pg);
+        let mut pg = url.driver;
+        if replace_hosts {
+            set_hosts(&mut pg, parts, &url.hosts, &network.hostaddrs);
+        }
+        if let Some(user) = parts.get_user() {
+            pg.user(user);
+        }
+        if let Some(password) = parts.get_password() {
+            pg.password(password);
+        }
+        if let Some(dbname) = parts.get_dbname() {
+            pg.dbname(dbname);
+        }
+        if let Some(name) = parts.get_application_name() {
+            pg.application_name(name);
+        }
+        if let Some(binding) = network.channel_binding {
+            pg.channel_binding(binding);
+        }
+        if pg.get_hosts().is_empty() {
+            // TLS needs a host name: with only `hostaddr`, the address is the name, as in libpq.
+            let addresses: Vec<String> = pg.get_hostaddrs().iter().map(IpAddr::to_string).collect();
+            for address in addresses {
+                pg.host(address);
+            }
+        }
         if pg.get_hosts().is_empty() {
             pg.host("localhost");
         }
@@ -306,13 +532,25 @@ impl EngineBuilder {
         if pg.get_application_name().is_none() {
             pg.application_name("pgengine");
         }
-        pg.connect_timeout(self.settings.connect_timeout);
-        if self.settings.max_connections == 0 {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "max_connections must be at least 1",
-            ));
+        if pg.get_password().is_none()
+            && let Some(password) = password_from_file(&pg, url.passfile.as_deref())
+        {
+            pg.password(password);
         }
+        let connect_timeout = parts
+            .get_connect_timeout()
+            .or(pg.get_connect_timeout())
+            .copied()
+            .unwrap_or(self.settings.connect_timeout);
+        pg.connect_timeout(connect_timeout);
+        self.settings.connect_timeout = connect_timeout;
+        url.keepalive
+            .overridden_by(&network.keepalive)
+            .apply(&mut pg);
+        let tls = Tls::resolve(&url.tls.overridden_by(&network.tls), pg.get_hosts())?;
+        pg.ssl_mode(tls.mode);
+        refuse_what_cannot_be_honoured(&pg, &tls)?;
+        self.settings.tls = tls;
         Ok((pg, self.settings))
     }
 }
@@ -360,6 +598,154 @@ impl EngineBuilder {
         self.settings
             .statement_cache_capacity
             .get_or_insert(capacity);
+        Ok(())
+    }
+}
+
+/// libpq's environment variables and the parameters they stand for.
+const ENVIRONMENT: &[(&str, &str)] = &[
+    ("PGHOST", "host"),
+    ("PGHOSTADDR", "hostaddr"),
+    ("PGPORT", "port"),
+    ("PGUSER", "user"),
+    ("PGPASSWORD", "password"),
+    ("PGDATABASE", "dbname"),
+    ("PGSSLMODE", "sslmode"),
+    ("PGSSLROOTCERT", "sslrootcert"),
+    ("PGSSLCERT", "sslcert"),
+    ("PGSSLKEY", "sslkey"),
+    ("PGSSLNEGOTIATION", "sslnegotiation"),
+    ("PGCHANNELBINDING", "channel_binding"),
+    ("PGGSSENCMODE", "gssencmode"),
+    ("PGAPPNAME", "application_name"),
+    ("PGOPTIONS", "options"),
+    ("PGCONNECT_TIMEOUT", "connect_timeout"),
+    ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
+];
+
+/// A `key=value` connection string from libpq's environment variables (`PGHOST`,
+/// `PGPORT`, `PGUSER`, …), or `None` when none is set.
+pub(crate) fn from_environment() -> Option<String> {
+    let pairs: Vec<String> = ENVIRONMENT
+        .iter()
+        .filter_map(|(variable, key)| {
+            let value = std::env::var(variable).ok().filter(|v| !v.is_empty())?;
+            Some(format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            ))
+        })
+        .collect();
+    (!pairs.is_empty()).then(|| pairs.join(" "))
+}
+
+/// The libpq parameters the driver does not parse (or parses differently); pgengine
+/// reads them itself.
+const OWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "gssencmode",
+    "passfile",
+];
+
+/// What a URL says: the driver's configuration of everything it parses, and the rest.
+#[derive(Default)]
+struct UrlSettings {
+    driver: tokio_postgres::Config,
+    /// The URL's hosts, ports and addresses (when the driver configuration has them
+    /// removed, to be replaced).
+    hosts: tokio_postgres::Config,
+    tls: TlsSettings,
+    keepalive: Keepalive,
+    passfile: Option<PathBuf>,
+}
+
+impl UrlSettings {
+    fn parse(url: &str, without_hosts: bool) -> Result<Self> {
+        let split = conninfo::split(url, OWN_PARAMETERS, false)?;
+        let driver_parse = |text: &str| {
+            tokio_postgres::Config::from_str(text).map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+                Error::new(
+                    ErrorKind::Config,
+                    format!("invalid database URL: {e}{}", cause.unwrap_or_default()),
+                )
+            })
+        };
+        let hosts = driver_parse(&split.driver)?;
+        let driver = if without_hosts {
+            driver_parse(&conninfo::split(url, OWN_PARAMETERS, true)?.driver)?
+        } else {
+            hosts.clone()
+        };
+        let mut settings = Self {
+            driver,
+            hosts,
+            ..Self::default()
+        };
+        for (key, value) in &split.taken {
+            settings.take(key, value)?;
+        }
+        Ok(settings)
+    }
+
+    /// Reads one of [`OWN_PARAMETERS`].
+    fn take(&mut self, key: &str, value: &str) -> Result<()> {
+        let invalid = |expected: &str| {
+            Error::new(
+                ErrorKind::Config,
+                format!("invalid {key} value {value:?} (expected {expected})"),
+            )
+        };
+        // libpq reads numbers leniently; a value of 0 (or less) means the system default.
+        let seconds = |value: &str| -> Result<Option<Duration>> {
+            let n: i64 = value
+                .trim()
+                .parse()
+                .map_err(|_| invalid("a number of seconds"))?;
+            Ok((n > 0).then(|| Duration::from_secs(n as u64)))
+        };
+        match key {
+            "sslmode" => self.tls.mode = Some(value.parse()?),
+            "sslrootcert" => self.tls.root_cert = Some(RootCert::parse(value)),
+            "sslcert" => self.tls.cert = Some(PathBuf::from(value)),
+            "sslkey" => self.tls.key = Some(PathBuf::from(value)),
+            "keepalives" => {
+                let n: i64 = value.trim().parse().map_err(|_| invalid("0 or 1"))?;
+                self.keepalive.keepalives = Some(n != 0);
+            }
+            "keepalives_idle" => self.keepalive.idle = seconds(value)?,
+            "keepalives_interval" => self.keepalive.interval = seconds(value)?,
+            "keepalives_count" => {
+                let n: i64 = value.trim().parse().map_err(|_| invalid("a count"))?;
+                self.keepalive.count = u32::try_from(n).ok().filter(|n| *n > 0);
+            }
+            "tcp_user_timeout" => {
+                let n: i64 = value.trim().parse().map_err(|_| invalid("milliseconds"))?;
+                self.keepalive.tcp_user_timeout = (n > 0).then(|| Duration::from_millis(n as u64));
+            }
+            "passfile" => self.passfile = Some(PathBuf::from(value)),
+            "gssencmode" => match value {
+                // Without GSSAPI support, libpq treats `prefer` as `disable`.
+                "disable" | "prefer" => {}
+                "require" => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "gssencmode=require: GSSAPI encryption is not supported",
+                    ));
+                }
+                _ => return Err(invalid("disable, prefer or require")),
+            },
+            _ => unreachable!("only OWN_PARAMETERS are taken"),
+        }
         Ok(())
     }
 }
@@ -507,48 +893,91 @@ fn take_url_param(url: &str, name: &str) -> (String, Option<String>) {
     }
 }
 
-/// The connection settings of `parts` where it sets them, else those of `url`.
-///
-/// Built afresh because the driver's setters append hosts and ports rather than replace them.
-fn combine(url: &tokio_postgres::Config, parts: &tokio_postgres::Config) -> tokio_postgres::Config {
+/// A `Config` error for settings no connection can meet, rather than a failure (or a
+/// weaker connection) later.
+fn refuse_what_cannot_be_honoured(pg: &tokio_postgres::Config, tls: &Tls) -> Result<()> {
+    use tokio_postgres::config::{SslMode as DriverSslMode, SslNegotiation};
+    let refuse = |message: &str| Err(Error::new(ErrorKind::Config, message));
+    let (hosts, addresses) = (pg.get_hosts().len(), pg.get_hostaddrs().len());
+    if addresses > 0 && hosts != addresses {
+        return refuse("hostaddr must give one address per host");
+    }
+    let ports = pg.get_ports().len();
+    if ports > 1 && ports != hosts {
+        return refuse("port must give one port, or one per host");
+    }
+    let may_use_tls = tls.mode != DriverSslMode::Disable || tls.retry_with_tls;
+    if pg.get_channel_binding() == ChannelBinding::Require && !may_use_tls {
+        return refuse(
+            "channel_binding=require needs TLS, which sslmode (or a unix socket) rules out",
+        );
+    }
+    if pg.get_ssl_negotiation() == SslNegotiation::Direct && tls.mode != DriverSslMode::Require {
+        return refuse("sslnegotiation=direct needs sslmode=require, verify-ca or verify-full");
+    }
+    Ok(())
+}
+
+/// The password file's password for the first host of `pg` (libpq's `passfile`, else
+/// `PGPASSFILE`, else `~/.pgpass`).
+fn password_from_file(
+    pg: &tokio_postgres::Config,
+    file: Option<&std::path::Path>,
+) -> Option<String> {
     use tokio_postgres::config::Host;
-    let hosts_from = if parts.get_hosts().is_empty() {
+    let host = match pg.get_hosts().first()? {
+        Host::Tcp(name) => name.clone(),
+        // libpq matches its default socket directory as `localhost`.
+        Host::Unix(dir)
+            if ["/var/run/postgresql", "/run/postgresql", "/tmp"]
+                .iter()
+                .any(|d| dir == std::path::Path::new(d)) =>
+        {
+            "localhost".to_owned()
+        }
+        Host::Unix(dir) => dir.display().to_string(),
+    };
+    let user = pg.get_user()?;
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    crate::passfile::lookup(file, &host, port, pg.get_dbname().unwrap_or(user), user)
+}
+
+/// Sets the host list: the builder's hosts, ports and addresses where it gave them,
+/// else the URL's.
+fn set_hosts(
+    pg: &mut tokio_postgres::Config,
+    parts: &tokio_postgres::Config,
+    url: &tokio_postgres::Config,
+    hostaddrs: &[IpAddr],
+) {
+    use tokio_postgres::config::Host;
+    let hosts = if parts.get_hosts().is_empty() {
         url
     } else {
         parts
     };
-    let ports_from = if parts.get_ports().is_empty() {
-        url
-    } else {
-        parts
-    };
-    let mut pg = tokio_postgres::Config::new();
-    for host in hosts_from.get_hosts() {
+    for host in hosts.get_hosts() {
         match host {
             Host::Tcp(name) => pg.host(name),
             Host::Unix(path) => pg.host_path(path),
         };
     }
-    for port in ports_from.get_ports() {
+    let ports = if parts.get_ports().is_empty() {
+        url
+    } else {
+        parts
+    };
+    for port in ports.get_ports() {
         pg.port(*port);
     }
-    if let Some(user) = parts.get_user().or(url.get_user()) {
-        pg.user(user);
+    let addresses = if hostaddrs.is_empty() {
+        url.get_hostaddrs()
+    } else {
+        hostaddrs
+    };
+    for address in addresses {
+        pg.hostaddr(*address);
     }
-    if let Some(password) = parts.get_password().or(url.get_password()) {
-        pg.password(password);
-    }
-    if let Some(dbname) = parts.get_dbname().or(url.get_dbname()) {
-        pg.dbname(dbname);
-    }
-    if let Some(options) = url.get_options() {
-        pg.options(options);
-    }
-    if let Some(name) = parts.get_application_name().or(url.get_application_name()) {
-        pg.application_name(name);
-    }
-    pg.target_session_attrs(url.get_target_session_attrs());
-    pg
 }
 
 /// The configuration as parsed, never the URL text: the driver's parsed form, whose
@@ -557,12 +986,11 @@ fn combine(url: &tokio_postgres::Config, parts: &tokio_postgres::Config) -> toki
 impl fmt::Debug for EngineBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("EngineBuilder");
-        match self.url.as_deref().map(tokio_postgres::Config::from_str) {
-            Some(Ok(url)) => d.field("config", &combine(&url, &self.pg)),
-            Some(Err(_)) => d
+        match self.clone().into_parts() {
+            Ok((config, _)) => d.field("config", &config),
+            Err(_) => d
                 .field("url", &"<not valid, not shown>")
                 .field("config", &self.pg),
-            None => d.field("config", &self.pg),
         };
         d.field("settings", &self.settings).finish()
     }

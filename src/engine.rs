@@ -73,7 +73,11 @@ impl PostgresEngine {
         EngineBuilder::new().url(url).build().await
     }
 
-    /// An engine for the server named by the `DATABASE_URL` environment variable.
+    /// An engine for the server named by the `DATABASE_URL` environment variable, else
+    /// by libpq's variables (`PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+    /// `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`,
+    /// `PGCHANNELBINDING`, `PGAPPNAME`, `PGOPTIONS`, `PGCONNECT_TIMEOUT`,
+    /// `PGTARGETSESSIONATTRS`, `PGLOADBALANCEHOSTS`, …), with default settings.
     ///
     /// ```no_run
     /// # async fn demo() -> pgengine::Result<()> {
@@ -81,12 +85,16 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub async fn from_env() -> Result<Self> {
-        let url = std::env::var("DATABASE_URL").map_err(|_| {
-            Error::new(
-                ErrorKind::Config,
-                "DATABASE_URL is not set (expected e.g. postgres://user@host/dbname)",
-            )
-        })?;
+        let url = std::env::var("DATABASE_URL")
+            .ok()
+            .or_else(crate::config::from_environment)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    "neither DATABASE_URL (e.g. postgres://user@host/dbname) nor any of libpq's \
+                     variables (PGHOST, PGUSER, PGDATABASE, ...) is set",
+                )
+            })?;
         Self::connect(&url).await
     }
 

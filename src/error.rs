@@ -467,7 +467,12 @@ impl fmt::Display for Error {
         if let (ErrorKind::Connect, Some(source), None) =
             (inner.kind, &inner.source, &inner.database)
         {
-            write!(f, ": {source}")?;
+            // The whole chain: a TLS failure says why only in its innermost cause.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+            while let Some(error) = cause {
+                write!(f, ": {error}")?;
+                cause = error.source();
+            }
         }
         Ok(())
     }

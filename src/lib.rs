@@ -25,22 +25,27 @@
 //! ```
 
 #![warn(missing_docs)]
+// Without TLS the connector is `NoTls`, which is `Copy`; the code clones it as it does rustls'.
+#![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
 
 mod atomic;
 mod batch;
 mod blocking;
 mod cancel;
 pub mod config;
+mod conninfo;
 mod engine;
 mod error;
 mod executor;
 mod lifecycle;
+mod passfile;
 mod pipeline;
 mod pool;
 pub mod query;
 mod retry;
 pub mod savepoint;
 mod statements;
+mod tls;
 mod transaction;
 mod version;
 
@@ -54,6 +59,7 @@ pub use lifecycle::{AfterConnectFuture, SessionReset};
 pub use query::{Query, QueryString};
 pub use retry::RetryPolicy;
 pub use savepoint::Savepoint;
+pub use tls::SslMode;
 pub use tokio_postgres::Row;
 pub use tokio_postgres::types;
 pub use transaction::{IsolationLevel, Nested, PostgresTransaction, TransactionBuilder};

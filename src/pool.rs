@@ -19,7 +19,7 @@ use deadpool_postgres::{
     TimeoutType, Timeouts,
 };
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, RowStream, Statement};
+use tokio_postgres::{Row, RowStream, Statement};
 
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
@@ -39,10 +39,14 @@ pub(crate) struct ConnectionPool {
 impl ConnectionPool {
     /// Creates the pool; no connection is opened yet.
     pub(crate) fn new(pg: tokio_postgres::Config, settings: &EngineSettings) -> Result<Self> {
-        let canceller = Arc::new(Canceller::new(&pg, settings.connect_timeout));
-        let manager = Manager::from_config(
+        let canceller = Arc::new(Canceller::new(
+            &pg,
+            settings.connect_timeout,
+            settings.tls.connector.clone(),
+        ));
+        let manager = Manager::from_connect(
             pg,
-            NoTls,
+            settings.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -77,6 +77,9 @@ rm -rf -- "$root"
 pub struct EphemeralClusterBuilder {
     settings: Vec<(String, String)>,
     bin_dir: Option<PathBuf>,
+    /// Files written into the data directory: name, contents, mode.
+    files: Vec<(String, String, u32)>,
+    hba: Option<Vec<String>>,
 }
 
 impl Default for EphemeralClusterBuilder {
@@ -87,6 +90,8 @@ impl Default for EphemeralClusterBuilder {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             bin_dir: None,
+            files: Vec::new(),
+            hba: None,
         }
     }
 }
@@ -114,6 +119,47 @@ impl EphemeralClusterBuilder {
             Some(slot) => slot.1 = value,
             None => self.settings.push((name, value)),
         }
+        self
+    }
+
+    /// Turns TLS on with `certs`: the server certificate and key (mode 0600, owned by
+    /// the server's user) and the CA (`ssl_ca_file`, for client certificates) go into
+    /// the data directory, and `ssl = on`.
+    ///
+    /// ```no_run
+    /// let certs = pgengine_testing::TestCertificates::generate(&["localhost"])?;
+    /// let cluster = pgengine_testing::EphemeralCluster::builder().tls(&certs).start()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn tls(mut self, certs: &crate::TestCertificates) -> Self {
+        self.files.extend([
+            ("server.crt".into(), certs.server_cert_pem().into(), 0o644),
+            ("server.key".into(), certs.server_key_pem().into(), 0o600),
+            ("root.crt".into(), certs.ca_pem().into(), 0o644),
+        ]);
+        self.setting("ssl", "on")
+            .setting("ssl_cert_file", "server.crt")
+            .setting("ssl_key_file", "server.key")
+            .setting("ssl_ca_file", "root.crt")
+    }
+
+    /// Replaces `pg_hba.conf` with `lines` (after `local all all trust`, which the
+    /// harness itself uses over the unix socket), e.g. `hostssl all all 127.0.0.1/32
+    /// scram-sha-256`. The default allows everyone over TCP without a password.
+    ///
+    /// ```no_run
+    /// let cluster = pgengine_testing::EphemeralCluster::builder()
+    ///     .setting("password_encryption", "scram-sha-256")
+    ///     .hba(["host all all 127.0.0.1/32 scram-sha-256"])
+    ///     .start()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn hba<I, S>(mut self, lines: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.hba = Some(lines.into_iter().map(Into::into).collect());
         self
     }
 
@@ -170,6 +216,13 @@ impl EphemeralClusterBuilder {
             }),
         };
         cluster.init(&self.settings)?;
+        if let Some(lines) = &self.hba {
+            let text = format!("local all all trust\n{}\n", lines.join("\n"));
+            cluster.write_data_file("pg_hba.conf", &text, 0o600)?;
+        }
+        for (name, contents, mode) in &self.files {
+            cluster.write_data_file(name, contents, *mode)?;
+        }
         cluster.start_reaper()?;
         cluster.start_server()?;
         Ok(cluster)
@@ -489,6 +542,19 @@ impl EphemeralCluster {
         text.push_str(&conf);
         std::fs::write(&path, text)
             .map_err(|e| Error::io(format!("could not write {}", path.display()), e))
+    }
+
+    /// Writes a file into the data directory, owned by the server's user.
+    fn write_data_file(&self, name: &str, contents: &str, mode: u32) -> Result<(), Error> {
+        use std::os::unix::fs::{PermissionsExt, chown};
+        let path = self.data_dir.join(name);
+        let fail = |e| Error::io(format!("could not write {}", path.display()), e);
+        std::fs::write(&path, contents).map_err(fail)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+        if let Some((uid, gid)) = self.run_as {
+            chown(&path, Some(uid), Some(gid)).map_err(fail)?;
+        }
+        Ok(())
     }
 
     fn start_reaper(&mut self) -> Result<(), Error> {

@@ -8,7 +8,7 @@
 //!   [`EphemeralCluster`] per test process (found via `PG_BIN`, `pg_config --bindir`,
 //!   `initdb` on `PATH`, or `/usr/lib/postgresql/*/bin`; see [`find_bin_dir`]).
 //! - [`EphemeralCluster`] can also be started and owned directly (e.g. by a benchmark),
-//!   with extra server settings.
+//!   with extra server settings, TLS ([`TestCertificates`]) and its own `pg_hba.conf`.
 //!
 //! Nothing is left behind: temp dirs (`$TMPDIR/pgengine-test-*`) and servers are removed
 //! on drop, at process exit (an `atexit` hook for the shared cluster), and by a reaper
@@ -27,6 +27,7 @@
 //! ```
 
 mod bin_dir;
+mod certs;
 mod cluster;
 mod database;
 mod error;
@@ -34,6 +35,7 @@ mod pgbouncer;
 mod server;
 
 pub use bin_dir::find_bin_dir;
+pub use certs::TestCertificates;
 pub use cluster::{EphemeralCluster, EphemeralClusterBuilder, TEMP_DIR_PREFIX};
 pub use database::{DATABASE_PREFIX, TestDatabase};
 pub use error::{Error, ErrorKind};

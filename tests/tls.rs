@@ -149,7 +149,7 @@ async fn each_sslmode_against_a_tls_only_server() {
     let server = tls_server();
     let ca = server.ca.display();
     let err = failure(&server.url("postgres", "localhost", "sslmode=disable")).await;
-    assert_eq!(err.kind(), ErrorKind::Database, "{err}"); // refused by pg_hba
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err}"); // refused by pg_hba
     assert!(err.to_string().contains("no encryption"), "{err}");
     for query in [
         "sslmode=allow".to_owned(),

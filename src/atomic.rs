@@ -117,7 +117,9 @@ impl Atomic {
     /// It works from any thread: plain synchronous code, or one inside a tokio runtime
     /// of either flavour. The cost: it runs on a one-thread runtime of pgengine's own,
     /// on connections opened and kept there (a second pool, with the same settings,
-    /// opened on first use), so it never joins an ambient transaction; called inside a
+    /// opened on first use), so it never joins an ambient transaction (called inside
+    /// one, it runs beside it and waits on any row lock that transaction holds: do not
+    /// touch the same rows, or it waits forever); called inside a
     /// runtime it also waits from a helper thread, and blocks the calling worker
     /// meanwhile (on a multi-thread runtime, after handing its other tasks away). In
     /// async code, prefer `.await`.

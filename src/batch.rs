@@ -35,6 +35,10 @@ const RESERVED_ROWS: usize = 1024;
 ///
 /// One row is read ahead, which tells the end without an extra empty fetch.
 ///
+/// Inside a transaction the statement must be one a cursor can run (a `SELECT` or
+/// `VALUES`): `INSERT … RETURNING` there is the server's error (`42601`), which aborts
+/// the transaction; run it with `fetch` instead.
+///
 /// `batch_size` is 1 to `i32::MAX` (the most rows one `FETCH` returns); 0, or more
 /// than that, is an [`InvalidInput`](crate::ErrorKind::InvalidInput) error. Room for
 /// at most 1,024 rows is reserved up front, so a huge `batch_size` costs memory only for

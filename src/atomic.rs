@@ -1,15 +1,16 @@
 //! [`Atomic`]: collect queries, then run them all in one transaction, pipelined.
 
 use std::future::{Future, IntoFuture};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
 use crate::blocking;
-use crate::engine::PostgresEngine;
+use crate::context::EngineContext;
 use crate::error::Result;
-use crate::executor::{Executor, Lease, compile_all};
-use crate::pipeline::{self, Want};
 use crate::query::{Query, QueryString};
+use crate::runner::{Runner, compile_all};
+use crate::transaction::ambient;
 
 /// Queries collected to run all together in one transaction: all are saved or none.
 ///
@@ -34,14 +35,15 @@ use crate::query::{Query, QueryString};
 /// ```
 #[must_use = "an atomic does nothing until it is run or awaited"]
 pub struct Atomic {
-    engine: PostgresEngine,
+    context: Arc<EngineContext>,
     queries: Vec<QueryString>,
 }
 
 impl Atomic {
-    pub(crate) fn new(engine: PostgresEngine) -> Self {
+    /// An empty atomic on the engine of `context`.
+    pub(crate) fn new(context: Arc<EngineContext>) -> Self {
         Self {
-            engine,
+            context,
             queries: Vec::new(),
         }
     }
@@ -108,7 +110,7 @@ impl Atomic {
     /// ```
     pub async fn run(&mut self) -> Result<()> {
         let queries = std::mem::take(&mut self.queries);
-        run_all(queries, self.engine.lease()).await
+        run_all(queries, ambient::runner(&self.context)).await
     }
 
     /// Runs it from synchronous code, blocking the thread until done; the list is
@@ -133,23 +135,21 @@ impl Atomic {
     /// ```
     pub fn run_sync(&mut self) -> Result<()> {
         let queries = std::mem::take(&mut self.queries);
-        let engine = self.engine.shared.clone();
-        blocking::block_on(run_all(queries, engine.sync_lease()))?
+        let context = self.context.clone();
+        blocking::block_on(run_all(queries, Runner::for_blocking(context)))?
     }
 }
 
-/// Runs `queries` in one transaction on the connection `lease` gives.
+/// Runs `queries` in one transaction on the connection `runner` gives.
 async fn run_all(
     queries: Vec<QueryString>,
-    lease: impl Future<Output = Result<Lease>>,
+    runner: impl Future<Output = Result<Runner>>,
 ) -> Result<()> {
     if queries.is_empty() {
         return Ok(());
     }
     let compiled = compile_all(&queries)?;
-    let lease = lease.await?;
-    pipeline::run(&lease, &compiled, Want::Counts).await?;
-    Ok(())
+    runner.await?.bundle(&compiled).await
 }
 
 impl IntoFuture for Atomic {

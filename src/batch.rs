@@ -5,12 +5,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio_postgres::{Row, RowStream};
 
 use crate::error::{Error, Result};
-use crate::executor::{Executor, Lease};
 use crate::query::{CompiledQuery, Query};
+use crate::runner::{Runner, compile};
 
 /// The largest `batch_size` (a larger one is an `InvalidInput` error): far more rows than
 /// fit in memory at once, and the most one `FETCH` returns.
@@ -65,7 +65,7 @@ type Step = (Box<Source>, Result<Option<Vec<Row>>>);
 
 /// Where the rows come from, and the row read ahead.
 struct Source {
-    lease: Lease,
+    runner: Runner,
     rows: Rows,
     batch_size: usize,
     read_ahead: Option<Row>,
@@ -80,8 +80,10 @@ enum Rows {
 }
 
 impl AsyncBatch {
-    pub(crate) async fn open<E: Executor + ?Sized>(
-        executor: &E,
+    /// Opens the batch on the connection `runner` gives (checked first, so that bad
+    /// input takes no connection).
+    pub(crate) async fn open(
+        runner: impl Future<Output = Result<Runner>>,
         query: impl Query,
         batch_size: usize,
     ) -> Result<Self> {
@@ -97,19 +99,19 @@ impl AsyncBatch {
                 statements.len()
             )));
         };
-        let statement = crate::executor::compile(statement)?;
-        let lease = executor.lease().await?;
-        let rows = match lease.transaction() {
+        let statement = compile(statement)?;
+        let runner = runner.await?;
+        let rows = match runner.transaction() {
             Some(tx) => {
                 let name = tx.next_cursor_name();
-                declare_cursor(&lease, &name, &statement).await?;
+                declare_cursor(&runner, &name, &statement).await?;
                 Rows::Cursor { name }
             }
-            None => Rows::Streamed(Box::pin(start_stream(&lease, &statement).await?)),
+            None => Rows::Streamed(Box::pin(runner.open_portal(&statement).await?)),
         };
         Ok(Self {
             source: Some(Box::new(Source {
-                lease,
+                runner,
                 rows,
                 batch_size,
                 read_ahead: None,
@@ -169,39 +171,19 @@ impl std::fmt::Debug for AsyncBatch {
     }
 }
 
-/// Declares the cursor `name` for `statement` in the lease's transaction, over the
+/// Declares the cursor `name` for `statement` in the runner's transaction, over the
 /// extended protocol even without parameters: it runs exactly one statement, so a
 /// second one stacked behind a `;` is refused by the server, never run.
-async fn declare_cursor(lease: &Lease, name: &str, statement: &CompiledQuery<'_>) -> Result<()> {
+async fn declare_cursor(runner: &Runner, name: &str, statement: &CompiledQuery<'_>) -> Result<()> {
     let declare = format!("DECLARE {name} NO SCROLL CURSOR FOR {}", statement.sql());
     if statement.params().is_empty() {
-        lease.unprepared(&declare).await.map(drop)
+        runner.unprepared(&declare).await.map(drop)
     } else {
-        lease
-            .execute_sql(&declare, statement.params())
+        runner
+            .execute_one(&declare, statement.params())
             .await
             .map(drop)
     }
-}
-
-/// Starts the statement on the lease's pooled connection; its rows are read later.
-async fn start_stream(lease: &Lease, statement: &CompiledQuery<'_>) -> Result<RowStream> {
-    let connection = lease.connection();
-    let start = async {
-        let mut retried = false;
-        loop {
-            match connection
-                .query_stream(statement.sql(), statement.params())
-                .await
-            {
-                Err(error) if lease.retry_stale(statement.sql(), &error, &mut retried) => {}
-                started => return started,
-            }
-        }
-    };
-    let stream = connection.guarded(start).await?;
-    connection.set_request_open(true);
-    Ok(stream)
 }
 
 impl Source {
@@ -217,13 +199,7 @@ impl Source {
             Ok(ended) => ended,
             Err(error) => {
                 self.finished = true;
-                // The server ended a statement it reported an error for; after any
-                // other failure the request is left open, to be cancelled on drop.
-                // A failed connection (or a session the server ended) is marked broken.
-                if matches!(self.rows, Rows::Streamed(_)) && error.database_error().is_some() {
-                    self.lease.connection().set_request_open(false);
-                }
-                return self.lease.noted(Err(error));
+                return Err(error);
             }
         };
         if batch.len() > self.batch_size {
@@ -238,22 +214,13 @@ impl Source {
     /// Reads up to `wanted` rows into `batch`; true when the result has no more rows.
     async fn read(&mut self, wanted: usize, batch: &mut Vec<Row>) -> Result<bool> {
         match &mut self.rows {
-            Rows::Streamed(stream) => {
-                let before = batch.len();
-                while batch.len() - before < wanted {
-                    match stream.next().await {
-                        Some(row) => batch.push(row?),
-                        None => return Ok(true),
-                    }
-                }
-                Ok(false)
-            }
+            Rows::Streamed(portal) => self.runner.read_portal(portal, wanted, batch).await,
             Rows::Cursor { name } => {
                 // FETCH takes a 32-bit count: at the largest batch size the row read
                 // ahead does not fit, and the end shows as an empty fetch instead.
                 let count = wanted.min(MAX_BATCH_SIZE);
                 let rows = self
-                    .lease
+                    .runner
                     .unprepared(&format!("FETCH FORWARD {count} FROM {name}"))
                     .await?;
                 let ended = rows.len() < count;
@@ -268,11 +235,8 @@ impl Source {
     async fn finish(&mut self) -> Result<()> {
         self.finished = true;
         match &self.rows {
-            Rows::Streamed(_) => {
-                self.lease.connection().set_request_open(false);
-                Ok(())
-            }
-            Rows::Cursor { name } => self.lease.simple(&format!("CLOSE {name}")).await,
+            Rows::Streamed(_) => Ok(()),
+            Rows::Cursor { name } => self.runner.simple(&format!("CLOSE {name}")).await,
         }
     }
 }

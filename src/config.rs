@@ -9,7 +9,6 @@ use std::time::Duration;
 pub use tokio_postgres::config::ChannelBinding;
 
 use crate::conninfo;
-use crate::engine::PostgresEngine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::tls::{RootCert, SslMode, Tls, TlsSettings};
 
@@ -462,20 +461,6 @@ impl EngineBuilder {
     pub fn slow_query_threshold(mut self, threshold: Duration) -> Self {
         self.settings.slow_query_threshold = Some(threshold);
         self
-    }
-
-    /// Builds the engine: creates the pool, opens one connection to check the server
-    /// version (a server older than PostgreSQL 12 is a `WARN`, not a failure), and creates
-    /// the configured extensions.
-    ///
-    /// ```no_run
-    /// # async fn demo() -> pgengine::Result<()> {
-    /// let engine = pgengine::EngineBuilder::new().url("postgres://postgres@localhost/app").build().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn build(self) -> Result<PostgresEngine> {
-        let (pg, settings) = self.into_parts()?;
-        PostgresEngine::open(pg, settings).await
     }
 
     /// The driver configuration and the engine settings: the URL's configuration with

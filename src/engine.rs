@@ -2,16 +2,15 @@
 //! ambient transaction's connection when there is one, else to a pooled connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use tokio_postgres::types::ToSql;
 
 use crate::atomic::Atomic;
 use crate::config::{EngineBuilder, EngineSettings};
+use crate::context::EngineContext;
 use crate::error::{Error, ErrorKind, Result};
-use crate::executor::{Executor, Lease};
-use crate::pool::{Connection, ConnectionPool};
+use crate::executor::{Executor, sealed};
+use crate::identifier::quote_identifier;
+use crate::runner::Runner;
 use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
 use crate::version::ServerVersion;
 
@@ -30,21 +29,8 @@ use crate::version::ServerVersion;
 /// ```
 #[derive(Clone)]
 pub struct PostgresEngine {
-    pub(crate) shared: Arc<EngineShared>,
+    context: Arc<EngineContext>,
 }
-
-/// What every clone of an engine shares.
-pub(crate) struct EngineShared {
-    pub id: u64,
-    pub pool: ConnectionPool,
-    /// Connections for `run_sync`, opened and driven on pgengine's own runtime, so that
-    /// a blocked caller's runtime never stalls them. Empty until first used.
-    pub sync_pool: ConnectionPool,
-    pub settings: EngineSettings,
-    query_ids: AtomicU64,
-}
-
-static ENGINE_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl PostgresEngine {
     /// A builder for every setting; see [`EngineBuilder`].
@@ -99,20 +85,9 @@ impl PostgresEngine {
     }
 
     /// Creates the pool, checks the server version and prepares the database.
-    pub(crate) async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
-        let pool = ConnectionPool::new(pg.clone(), &settings)?;
-        // The pool of blocking callers opens connections only on demand.
-        let mut sync_settings = settings.clone();
-        sync_settings.lifecycle.min_connections = 0;
-        let sync_pool = ConnectionPool::new(pg, &sync_settings)?;
+    async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
         let engine = Self {
-            shared: Arc::new(EngineShared {
-                id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
-                pool,
-                sync_pool,
-                settings,
-                query_ids: AtomicU64::new(1),
-            }),
+            context: Arc::new(EngineContext::new(pg, settings)?),
         };
         let version = engine.get_version().await?;
         if version < ServerVersion::MINIMUM_SUPPORTED {
@@ -140,7 +115,7 @@ impl PostgresEngine {
     pub async fn start_connection_pool(&self) -> Result<()> {
         // Holding every idle connection and as many new ones as are missing makes the
         // pool open the missing ones; none of these takes waits for a busy connection.
-        let pool = &self.shared.pool;
+        let pool = &self.context.pool;
         let status = pool.status();
         let free = status.available + status.max_size.saturating_sub(status.size);
         let held = futures::future::join_all((0..free).map(|_| pool.get_free())).await;
@@ -171,12 +146,12 @@ impl PostgresEngine {
     /// # }
     /// ```
     pub async fn close_connection_pool(&self) {
-        let pools = [&self.shared.pool, &self.shared.sync_pool];
+        let pools = [&self.context.pool, &self.context.sync_pool];
         for pool in pools {
             pool.close();
         }
         let bound = self
-            .shared
+            .context
             .settings
             .pool_wait_timeout
             .unwrap_or(Duration::from_secs(30));
@@ -195,8 +170,8 @@ impl PostgresEngine {
     /// # }
     /// ```
     pub fn pool_status(&self) -> PoolStatus {
-        let status = self.shared.pool.status();
-        let counters = self.shared.pool.counters();
+        let status = self.context.pool.status();
+        let counters = self.context.pool.counters();
         let count = crate::lifecycle::Counters::get;
         PoolStatus {
             max_size: status.max_size,
@@ -236,10 +211,10 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub async fn prep_database(&self) -> Result<()> {
-        for extension in &self.shared.settings.extensions {
+        for extension in &self.context.settings.extensions {
             let ddl = format!(
                 "CREATE EXTENSION IF NOT EXISTS {}",
-                crate::savepoint::quote_identifier(extension)?
+                quote_identifier(extension)?
             );
             match self.run_ddl(&ddl).await {
                 Ok(()) => {}
@@ -274,7 +249,7 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub fn transaction(&self) -> TransactionBuilder {
-        TransactionBuilder::new(self.clone())
+        TransactionBuilder::new(self.context.clone())
     }
 
     /// Begins a transaction with the default options: `engine.transaction().begin()`.
@@ -303,7 +278,7 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub fn current_transaction(&self) -> Option<PostgresTransaction> {
-        ambient::current(self.shared.id).map(PostgresTransaction::joined)
+        ambient::current(self.context.id).map(PostgresTransaction::joined)
     }
 
     /// Whether this task is running inside a transaction of this engine.
@@ -314,7 +289,7 @@ impl PostgresEngine {
     /// # }
     /// ```
     pub fn transaction_exists(&self) -> bool {
-        ambient::current(self.shared.id).is_some()
+        ambient::current(self.context.id).is_some()
     }
 
     /// An empty [`Atomic`]: add queries, then run them all in one transaction.
@@ -327,16 +302,16 @@ impl PostgresEngine {
     /// # Ok(()) }
     /// ```
     pub fn atomic(&self) -> Atomic {
-        Atomic::new(self.clone())
+        Atomic::new(self.context.clone())
     }
 }
 
 impl std::fmt::Debug for PostgresEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresEngine")
-            .field("id", &self.shared.id)
+            .field("id", &self.context.id)
             .field("pool", &self.pool_status())
-            .field("settings", &self.shared.settings)
+            .field("settings", &self.context.settings)
             .finish()
     }
 }
@@ -378,179 +353,26 @@ pub struct PoolStatus {
     pub closed_broken: u64,
 }
 
-impl crate::executor::sealed::Sealed for PostgresEngine {}
-
-impl Executor for PostgresEngine {
-    async fn lease(&self) -> Result<Lease> {
-        if let Some(tx) = ambient::current(self.shared.id) {
-            return tx.lease();
-        }
-        let connection = self.shared.pool.get().await?;
-        Ok(Lease::pooled(self.shared.clone(), connection))
+impl sealed::Sealed for PostgresEngine {
+    async fn runner(&self) -> Result<Runner> {
+        ambient::runner(&self.context).await
     }
 }
 
-impl EngineShared {
-    /// Runs SQL over the simple protocol on `connection`, guarded and observed.
-    pub(crate) async fn simple(&self, connection: &Connection, sql: &str) -> Result<()> {
-        let request = connection.guarded(async {
-            connection
-                .client()
-                .batch_execute(sql)
-                .await
-                .map_err(Error::from)
-        });
-        self.observe(sql, &[], request, |_| None).await
-    }
+impl Executor for PostgresEngine {}
 
-    /// Commits the transaction open on `connection`. The `SELECT 1` sent ahead of the
-    /// `COMMIT` makes an aborted transaction an error (`25P02`), where a bare `COMMIT`
-    /// would answer `ROLLBACK` without one; the transaction is then rolled back. A
-    /// connection that fails meanwhile is [`ErrorKind::CommitOutcomeUnknown`].
-    pub(crate) async fn commit(&self, connection: &Connection) -> Result<()> {
-        match self.simple(connection, CHECKED_COMMIT).await {
-            Ok(()) => {
-                connection.set_in_transaction(false);
-                Ok(())
-            }
-            Err(error) if error.is_connection_failure() => Err(error.during_commit()),
-            Err(error) => {
-                // Either statement may have failed; a ROLLBACK ends what is left (with a
-                // warning only when the COMMIT did end the transaction).
-                let _ = self.rollback(connection).await;
-                Err(error)
-            }
-        }
+impl EngineBuilder {
+    /// Builds the engine: creates the pool, opens one connection to check the server
+    /// version (a server older than PostgreSQL 12 is a `WARN`, not a failure), and creates
+    /// the configured extensions.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pgengine::Result<()> {
+    /// let engine = pgengine::EngineBuilder::new().url("postgres://postgres@localhost/app").build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn build(self) -> Result<PostgresEngine> {
+        let (pg, settings) = self.into_parts()?;
+        PostgresEngine::open(pg, settings).await
     }
-
-    /// Rolls back the transaction open on `connection`.
-    pub(crate) async fn rollback(&self, connection: &Connection) -> Result<()> {
-        let result = self.simple(connection, "ROLLBACK").await;
-        if result.is_ok() {
-            connection.set_in_transaction(false);
-        }
-        result
-    }
-
-    /// A connection for `run_sync`, from the pool that pgengine's own runtime drives.
-    pub(crate) async fn sync_lease(self: &Arc<Self>) -> Result<Lease> {
-        let connection = self.sync_pool.get().await?;
-        Ok(Lease::pooled(self.clone(), connection))
-    }
-
-    /// Starts watching one request for the query log, or `None` when nothing is
-    /// logged (the common case costs one check).
-    pub(crate) fn watch<'a>(
-        &'a self,
-        sql: &'a str,
-        params: &'a [&'a (dyn ToSql + Sync)],
-    ) -> Option<Watch<'a>> {
-        let settings = &self.settings;
-        let watched = settings.log_queries
-            || settings.log_responses
-            || settings.slow_query_threshold.is_some();
-        watched.then(|| Watch {
-            settings,
-            sql,
-            params,
-            query_id: self.query_ids.fetch_add(1, Ordering::Relaxed),
-            started: Instant::now(),
-        })
-    }
-
-    /// Runs one request and reports it as [`watch`](Self::watch) says. The request is
-    /// polled as soon as this future is, so pipelined order is kept.
-    pub(crate) async fn observe<T>(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        request: impl Future<Output = Result<T>>,
-        row_count: impl Fn(&T) -> Option<usize>,
-    ) -> Result<T> {
-        let watch = self.watch(sql, params);
-        let result = request.await;
-        if let Some(watch) = watch {
-            watch.report(&result, row_count);
-        }
-        result
-    }
-}
-
-/// The statement that commits a transaction and fails if the transaction was aborted;
-/// see [`EngineShared::commit`].
-pub(crate) const CHECKED_COMMIT: &str = "SELECT 1; COMMIT";
-
-/// One request watched for the query log (target `pgengine::query`): the query event
-/// (`INFO`), the response event (`DEBUG`) and the slow-query warning (`WARN`).
-pub(crate) struct Watch<'a> {
-    settings: &'a EngineSettings,
-    sql: &'a str,
-    params: &'a [&'a (dyn ToSql + Sync)],
-    query_id: u64,
-    started: Instant,
-}
-
-impl Watch<'_> {
-    /// Reports the finished request.
-    pub(crate) fn report<T>(self, result: &Result<T>, row_count: impl Fn(&T) -> Option<usize>) {
-        let Self {
-            settings,
-            sql,
-            params,
-            query_id,
-            started,
-        } = self;
-        let elapsed = started.elapsed();
-        let duration_us = elapsed.as_micros() as u64;
-        let error = result
-            .as_ref()
-            .err()
-            .map(|error| logged_error(error, settings.log_arguments));
-        if settings.log_queries {
-            if settings.log_arguments {
-                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), arguments = ?params, duration_us, error, "query");
-            } else {
-                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, error, "query");
-            }
-        }
-        if settings.log_responses {
-            let rows = result.as_ref().ok().and_then(row_count);
-            tracing::debug!(target: "pgengine::query", query_id, rows, duration_us, "response");
-        }
-        if let Some(threshold) = settings.slow_query_threshold {
-            if elapsed >= threshold {
-                tracing::warn!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, threshold_us = threshold.as_micros() as u64, "slow query");
-            }
-        }
-    }
-}
-
-/// An error as the query log shows it. The server's message, detail and hint can quote
-/// argument values (`Key (email)=(alice@example.com) already exists`), so without
-/// `log_arguments` a server error shows as its SQLSTATE and the objects it names
-/// (schema, table, column, constraint) only; other errors are the engine's or the
-/// driver's own words and show whole.
-fn logged_error(error: &Error, log_arguments: bool) -> String {
-    let Some(db) = error.database_error().filter(|_| !log_arguments) else {
-        return error.to_string();
-    };
-    let mut text = format!("database error: {} {}", db.severity, db.code);
-    let named = [
-        ("schema", &db.schema),
-        ("table", &db.table),
-        ("column", &db.column),
-        ("constraint", &db.constraint),
-    ];
-    for (what, name) in named {
-        if let Some(name) = name {
-            text.push_str(&format!(", {what} {name}"));
-        }
-    }
-    if let Some(statement) = error.statement() {
-        text.push_str(&format!(
-            " [statement #{}: {}]",
-            statement.index, statement.sql
-        ));
-    }
-    text
 }

@@ -24,30 +24,42 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]
 // Without TLS the connector is `NoTls`, which is `Copy`; the code clones it as it does rustls'.
 #![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
 
-mod atomic;
-mod batch;
+// Layers, from the bottom; a module uses only those above it in this list (see
+// ARCHITECTURE.md).
+// 1. Values, no I/O: errors, queries, identifiers, settings.
 mod blocking;
-mod cancel;
 pub mod config;
 mod conninfo;
-mod engine;
 mod error;
-mod executor;
+mod identifier;
 mod lifecycle;
 mod passfile;
-mod pipeline;
-mod pool;
 pub mod query;
 mod retry;
-pub mod savepoint;
 mod statements;
 mod tls;
-mod transaction;
 mod version;
+// 2. Connections: the pooled connection and its hygiene, cancel.
+mod cancel;
+mod pool;
+// 3. The engine's shared context; a transaction's state; the runner that sends
+//    statements (alone, pipelined, as portals) and records how they ended.
+mod context;
+mod query_log;
+mod runner;
+mod transaction;
+// 4. What callers hold: batches, the query methods, transactions, savepoints, atomics.
+mod atomic;
+mod batch;
+mod executor;
+pub mod savepoint;
+// 5. The facade.
+mod engine;
 
 pub use atomic::Atomic;
 pub use batch::AsyncBatch;

@@ -1,10 +1,11 @@
 //! [`Savepoint`]: a point inside a transaction to roll back to, and safe identifiers.
 
-use crate::error::{Error, Result};
-use crate::transaction::PostgresTransaction;
+use std::sync::Arc;
 
-/// The longest identifier PostgreSQL keeps whole (`NAMEDATALEN - 1`).
-const MAX_IDENTIFIER_BYTES: usize = 63;
+use crate::error::Result;
+use crate::transaction::state::TxShared;
+
+pub use crate::identifier::quote_identifier;
 
 /// A savepoint of a transaction: roll back to it, or release it.
 ///
@@ -19,14 +20,14 @@ const MAX_IDENTIFIER_BYTES: usize = 63;
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct Savepoint {
-    transaction: PostgresTransaction,
+    transaction: Arc<TxShared>,
     name: String,
 }
 
 impl Savepoint {
-    pub(crate) fn new(transaction: PostgresTransaction, name: String) -> Self {
+    /// The savepoint `name`, just made in `transaction`.
+    pub(crate) fn new(transaction: Arc<TxShared>, name: String) -> Self {
         Self { transaction, name }
     }
 
@@ -61,35 +62,15 @@ impl Savepoint {
     /// # Ok(()) }
     /// ```
     pub async fn release(self) -> Result<()> {
-        self.transaction.release_savepoint(&self.name).await
+        self.transaction.release(&self.name).await
     }
 }
 
-/// Checks a user-given name (savepoint, extension) and returns it double-quoted.
-///
-/// Accepted: 1 to 63 bytes of letters, digits, `_` and `-`, not starting with a digit or `-`.
-/// Anything else (quotes, spaces, `;`, empty, too long) is an
-/// [`InvalidInput`](crate::ErrorKind::InvalidInput) error, so nothing unsafe is sent.
-///
-/// ```
-/// use pgengine::savepoint::quote_identifier;
-/// assert_eq!(quote_identifier("before_import").unwrap(), "\"before_import\"");
-/// assert!(quote_identifier("a; DROP TABLE x").is_err());
-/// assert!(quote_identifier("").is_err());
-/// ```
-pub fn quote_identifier(name: &str) -> Result<String> {
-    let starts_well = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    let all_safe = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !starts_well || !all_safe || name.len() > MAX_IDENTIFIER_BYTES {
-        return Err(Error::invalid_input(format!(
-            "{name:?} is not an accepted identifier: use 1 to {MAX_IDENTIFIER_BYTES} letters, \
-             digits, '_' or '-', starting with a letter or '_'"
-        )));
+impl std::fmt::Debug for Savepoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Savepoint")
+            .field("name", &self.name)
+            .field("transaction", &self.transaction.phase())
+            .finish()
     }
-    Ok(format!("\"{name}\""))
 }

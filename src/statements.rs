@@ -15,7 +15,7 @@ use tokio_postgres::{Row, RowStream, Statement};
 use crate::error::{Error, Result};
 
 /// The default number of statements each connection keeps prepared.
-pub const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 512;
+pub(crate) const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 512;
 
 /// The statements one connection keeps prepared, each with when it was last used, to
 /// evict the least recently used one once the cache is over its capacity (the evicted

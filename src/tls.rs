@@ -440,8 +440,7 @@ mod rustls_config {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path)
             .map_err(|e| config_error(format!("sslkey: cannot read {}: {e}", path.display())))?;
-        // SAFETY: geteuid cannot fail.
-        let own = meta.uid() == unsafe { libc::geteuid() };
+        let own = meta.uid() == rustix::process::geteuid().as_raw();
         let allowed = if own { 0o600 } else { 0o640 };
         if meta.mode() & 0o777 & !allowed != 0 {
             return Err(config_error(format!(

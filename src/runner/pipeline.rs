@@ -14,9 +14,9 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::engine::CHECKED_COMMIT;
+use super::Runner;
+use crate::context::Finish;
 use crate::error::{Error, Result};
-use crate::executor::Lease;
 use crate::query::CompiledQuery;
 
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -37,14 +37,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    /// The rows of a statement run for its rows.
-    pub(crate) fn into_rows(self) -> Vec<Row> {
-        match self {
-            Outcome::Rows(rows) => rows,
-            Outcome::Count(_) => unreachable!("rows were asked for"),
-        }
-    }
-
+    /// The rows it affected (or returned).
     pub(crate) fn count(&self) -> u64 {
         match self {
             Outcome::Count(n) => *n,
@@ -53,7 +46,7 @@ impl Outcome {
     }
 }
 
-/// Runs `statements` in order in one transaction: the lease's transaction when it has
+/// Runs `statements` in order in one transaction: the runner's transaction when it has
 /// one, else its own (`BEGIN` … `COMMIT`, pipelined with the statements). The first
 /// failing statement is the error, with its index and SQL; a failure rolls back all.
 ///
@@ -67,28 +60,28 @@ impl Outcome {
 /// so there each new text is prepared at its turn. With no statement cache
 /// (capacity 0), each statement is an unnamed one, sent whole at its turn.
 pub(crate) async fn run(
-    lease: &Lease,
+    runner: &Runner,
     statements: &[CompiledQuery<'_>],
     want: Want,
 ) -> Result<Vec<Outcome>> {
-    let own_transaction = lease.transaction().is_none();
+    let own_transaction = runner.transaction().is_none();
     if own_transaction {
-        prepare_ahead(lease, statements).await;
+        prepare_ahead(runner, statements).await;
     }
     // In a transaction, the bundle is one request: admitted, and sent in one turn.
-    let _permit = lease.admit().await?;
-    let _turn = lease.turn().await;
-    let connection = lease.connection();
+    let _permit = runner.admit().await?;
+    let _turn = runner.turn().await;
+    let connection = runner.connection();
     let result = connection
-        .guarded(run_in_order(lease, statements, want, own_transaction))
+        .guarded(run_in_order(runner, statements, want, own_transaction))
         .await;
-    lease.noted(result)
+    runner.noted(result)
 }
 
 /// Prepares each distinct parameterized text, pipelined; failures are left for the
 /// statement's turn (it may need what an earlier statement creates).
-async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
-    let connection = lease.connection();
+async fn prepare_ahead(runner: &Runner, statements: &[CompiledQuery<'_>]) {
+    let connection = runner.connection();
     if !connection.caches_statements() {
         return; // unnamed statements: nothing to prepare
     }
@@ -105,17 +98,17 @@ async fn prepare_ahead(lease: &Lease, statements: &[CompiledQuery<'_>]) {
 }
 
 async fn run_in_order(
-    lease: &Lease,
+    runner: &Runner,
     statements: &[CompiledQuery<'_>],
     want: Want,
     own_transaction: bool,
 ) -> Result<Vec<Outcome>> {
-    let connection = lease.connection();
+    let connection = runner.connection();
     let client = connection.client();
     let mut pipe = Pipe::with_capacity(statements.len() + 2);
     if own_transaction {
         connection.set_in_transaction(true);
-        pipe.send(Box::pin(simple(lease, "BEGIN"))).await;
+        pipe.send(Box::pin(simple(runner, "BEGIN"))).await;
     }
     let last = statements.len() - 1;
     let mut failed_prepare = None;
@@ -125,13 +118,13 @@ async fn run_in_order(
         let sql = statement.sql();
         let request: Request<'_, Result<Outcome>> = if params.is_empty() {
             if rows_wanted {
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     client.query_typed(sql, &[]).await.map(Outcome::Rows)
                 }))
             } else {
                 // The extended protocol, unprepared: exactly one statement runs (a
                 // second one stacked behind a `;` is refused by the server).
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     let rows = client.query_typed_raw(sql, no_params()).await?;
                     let mut rows = std::pin::pin!(rows);
                     while rows.try_next().await?.is_some() {}
@@ -143,11 +136,11 @@ async fn run_in_order(
         } else if !connection.caches_statements() {
             // An unnamed statement: parsed, bound and run in one request.
             if rows_wanted {
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     connection.query_rows(sql, params).await.map(Outcome::Rows)
                 }))
             } else {
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     connection
                         .execute_count(sql, params)
                         .await
@@ -165,11 +158,11 @@ async fn run_in_order(
                 }
             };
             if rows_wanted {
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     client.query(&prepared, params).await.map(Outcome::Rows)
                 }))
             } else {
-                Box::pin(observed(lease, sql, params, async move {
+                Box::pin(observed(runner, sql, params, async move {
                     client.execute(&prepared, params).await.map(Outcome::Count)
                 }))
             }
@@ -181,37 +174,41 @@ async fn run_in_order(
     }
     let failed = failed_prepare.is_some() || pipe.any_failed();
     if own_transaction {
-        let end = if failed { "ROLLBACK" } else { CHECKED_COMMIT };
-        pipe.send(Box::pin(simple(lease, end))).await;
+        let end = if failed {
+            Finish::Rollback
+        } else {
+            Finish::Commit
+        };
+        pipe.send(Box::pin(simple(runner, end.sql()))).await;
     }
 
     let mut answers = pipe.finish().await;
     let mut end = None;
     if own_transaction {
-        let end_answer = answers.pop().expect("COMMIT or ROLLBACK was sent");
-        let end_answer = match end_answer {
-            Ok(_) => {
-                connection.set_in_transaction(false);
-                Ok(())
-            }
-            Err(error) if error.is_connection_failure() && !failed => Err(error.during_commit()),
-            Err(error) if error.is_connection_failure() => Err(error),
-            Err(error) => {
-                // An aborted transaction (its COMMIT refused) or a COMMIT that failed:
-                // a ROLLBACK ends what is left.
-                let _ = lease.engine().rollback(connection).await;
-                Err(error)
-            }
+        let finish = if failed {
+            Finish::Rollback
+        } else {
+            Finish::Commit
         };
+        let answer = answers
+            .pop()
+            .expect("COMMIT or ROLLBACK was sent")
+            .map(drop);
+        end = Some(
+            runner
+                .context()
+                .settle_end(connection, finish, answer)
+                .await,
+        );
         answers.remove(0)?; // BEGIN
-        end = Some(end_answer);
     }
     // `answers[i]` is statement `i`'s: the first failure is the error to report.
-    if let Some(index) = answers.iter().position(Result::is_err) {
-        let Err(error) = answers.swap_remove(index) else {
-            unreachable!("position found an error")
-        };
-        return Err(error.with_statement(index, statements[index].sql()));
+    let mut outcomes = Vec::with_capacity(answers.len());
+    for (index, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(error) => return Err(error.with_statement(index, statements[index].sql())),
+        }
     }
     if let Some((index, error)) = failed_prepare {
         return Err(error.with_statement(index, statements[index].sql()));
@@ -219,7 +216,7 @@ async fn run_in_order(
     if let Some(end) = end {
         end?; // a COMMIT can fail too (deferred constraints, serialization)
     }
-    answers.into_iter().collect()
+    Ok(outcomes)
 }
 
 /// Requests on one connection, each sent (polled once) as it is added, so that they go
@@ -290,16 +287,16 @@ fn no_params() -> std::iter::Empty<(&'static (dyn ToSql + Sync), Type)> {
     std::iter::empty()
 }
 
-async fn simple(lease: &Lease, sql: &'static str) -> Result<Outcome> {
-    observed(lease, sql, &[], async move {
-        lease.connection().client().batch_execute(sql).await?;
+async fn simple(runner: &Runner, sql: &'static str) -> Result<Outcome> {
+    observed(runner, sql, &[], async move {
+        runner.connection().client().batch_execute(sql).await?;
         Ok::<_, tokio_postgres::Error>(Outcome::Count(0))
     })
     .await
 }
 
 async fn observed<E>(
-    lease: &Lease,
+    runner: &Runner,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
     request: impl Future<Output = std::result::Result<Outcome, E>>,
@@ -308,8 +305,9 @@ where
     Error: From<E>,
 {
     let request = async { request.await.map_err(Error::from) };
-    lease
-        .engine()
+    runner
+        .context()
+        .log
         .observe(sql, params, request, |outcome| {
             Some(outcome.count() as usize)
         })

@@ -1,0 +1,125 @@
+//! [`EngineContext`]: what every clone of an engine shares (its pools, settings and
+//! query log), and the one way a transaction ends on a connection.
+//!
+//! It sits below the runner and the transactions, which reach the pool and the log
+//! through it; the [`PostgresEngine`](crate::PostgresEngine) facade on top only wraps
+//! it in an `Arc`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::EngineSettings;
+use crate::error::{Error, Result};
+use crate::pool::{Connection, ConnectionPool};
+use crate::query_log::QueryLog;
+
+/// What every clone of an engine shares.
+pub(crate) struct EngineContext {
+    /// Tells engines apart in a task's ambient transactions.
+    pub(crate) id: u64,
+    pub(crate) pool: ConnectionPool,
+    /// Connections for `run_sync`, opened and driven on pgengine's own runtime, so that
+    /// a blocked caller's runtime never stalls them. Empty until first used.
+    pub(crate) sync_pool: ConnectionPool,
+    pub(crate) settings: EngineSettings,
+    pub(crate) log: QueryLog,
+}
+
+static ENGINE_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// How a transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    Commit,
+    Rollback,
+}
+
+impl Finish {
+    /// The statement that ends a transaction this way. A `COMMIT` goes behind a
+    /// `SELECT 1`, which makes an aborted transaction an error (`25P02`) where a bare
+    /// `COMMIT` would answer `ROLLBACK` without one.
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Finish::Commit => "SELECT 1; COMMIT",
+            Finish::Rollback => "ROLLBACK",
+        }
+    }
+}
+
+impl EngineContext {
+    /// The pools (no connection opened yet) and the log.
+    pub(crate) fn new(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
+        let pool = ConnectionPool::new(pg.clone(), &settings)?;
+        // The pool of blocking callers opens connections only on demand.
+        let mut sync_settings = settings.clone();
+        sync_settings.lifecycle.min_connections = 0;
+        let sync_pool = ConnectionPool::new(pg, &sync_settings)?;
+        Ok(Self {
+            id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
+            pool,
+            sync_pool,
+            log: QueryLog::new(&settings),
+            settings,
+        })
+    }
+
+    /// Runs SQL over the simple protocol on `connection`, guarded and logged. Its
+    /// failure is recorded on the connection; a caller in a transaction records it there.
+    pub(crate) async fn simple(&self, connection: &Connection, sql: &str) -> Result<()> {
+        let request = connection.guarded(async {
+            connection
+                .client()
+                .batch_execute(sql)
+                .await
+                .map_err(Error::from)
+        });
+        self.log.observe(sql, &[], request, |_| None).await
+    }
+
+    /// Ends the transaction open on `connection`; see [`settle_end`](Self::settle_end).
+    pub(crate) async fn end_transaction(
+        &self,
+        connection: &Connection,
+        finish: Finish,
+    ) -> Result<()> {
+        let answer = self.simple(connection, finish.sql()).await;
+        self.settle_end(connection, finish, answer).await
+    }
+
+    /// What the answer to a transaction's end means, for every path that ends one (a
+    /// transaction's `commit` and `rollback`, an atomic's pipelined end).
+    ///
+    /// Any answer ends the transaction: a success leaves the connection idle; a refused
+    /// `COMMIT` (an aborted transaction, a deferred constraint, a serialization failure)
+    /// is followed by a `ROLLBACK` for whatever is left. No answer — the connection
+    /// failed — means the server rolls back when the session ends, except that a
+    /// `COMMIT` in flight may have been applied first: that is
+    /// [`CommitOutcomeUnknown`](crate::ErrorKind::CommitOutcomeUnknown).
+    pub(crate) async fn settle_end(
+        &self,
+        connection: &Connection,
+        finish: Finish,
+        answer: Result<()>,
+    ) -> Result<()> {
+        match answer {
+            Ok(()) => {
+                connection.set_in_transaction(false);
+                Ok(())
+            }
+            Err(error) if error.is_connection_failure() => match finish {
+                Finish::Commit => Err(error.during_commit()),
+                Finish::Rollback => Err(error),
+            },
+            Err(error) => {
+                if finish == Finish::Commit
+                    && self
+                        .simple(connection, Finish::Rollback.sql())
+                        .await
+                        .is_ok()
+                {
+                    connection.set_in_transaction(false);
+                }
+                Err(error)
+            }
+        }
+    }
+}

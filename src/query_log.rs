@@ -1,0 +1,142 @@
+//! The query log (target `pgengine::query`): what each request sent, how long it took,
+//! how it ended; slow queries; and the rule that keeps argument values out of it unless
+//! asked for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::ToSql;
+
+use crate::config::EngineSettings;
+use crate::error::{Error, Result};
+
+/// What an engine logs about its requests, and the numbering of its queries.
+pub(crate) struct QueryLog {
+    log_queries: bool,
+    log_responses: bool,
+    log_arguments: bool,
+    slow_query_threshold: Option<Duration>,
+    query_ids: AtomicU64,
+}
+
+impl QueryLog {
+    /// The log as the engine's settings ask for it.
+    pub(crate) fn new(settings: &EngineSettings) -> Self {
+        Self {
+            log_queries: settings.log_queries,
+            log_responses: settings.log_responses,
+            log_arguments: settings.log_arguments,
+            slow_query_threshold: settings.slow_query_threshold,
+            query_ids: AtomicU64::new(1),
+        }
+    }
+
+    /// Starts watching one request, or `None` when nothing is logged (the common case
+    /// costs one check).
+    pub(crate) fn watch<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> Option<Watch<'a>> {
+        let watched = self.log_queries || self.log_responses || self.slow_query_threshold.is_some();
+        watched.then(|| Watch {
+            log: self,
+            sql,
+            params,
+            query_id: self.query_ids.fetch_add(1, Ordering::Relaxed),
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs one request and reports it as [`watch`](Self::watch) says. The request is
+    /// polled as soon as this future is, so pipelined order is kept.
+    pub(crate) async fn observe<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        request: impl Future<Output = Result<T>>,
+        row_count: impl Fn(&T) -> Option<usize>,
+    ) -> Result<T> {
+        let watch = self.watch(sql, params);
+        let result = request.await;
+        if let Some(watch) = watch {
+            watch.report(&result, row_count);
+        }
+        result
+    }
+}
+
+/// One request watched for the query log: the query event (`INFO`), the response event
+/// (`DEBUG`) and the slow-query warning (`WARN`).
+pub(crate) struct Watch<'a> {
+    log: &'a QueryLog,
+    sql: &'a str,
+    params: &'a [&'a (dyn ToSql + Sync)],
+    query_id: u64,
+    started: Instant,
+}
+
+impl Watch<'_> {
+    /// Reports the finished request.
+    pub(crate) fn report<T>(self, result: &Result<T>, row_count: impl Fn(&T) -> Option<usize>) {
+        let Self {
+            log,
+            sql,
+            params,
+            query_id,
+            started,
+        } = self;
+        let elapsed = started.elapsed();
+        let duration_us = elapsed.as_micros() as u64;
+        let error = result
+            .as_ref()
+            .err()
+            .map(|error| logged_error(error, log.log_arguments));
+        if log.log_queries {
+            if log.log_arguments {
+                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), arguments = ?params, duration_us, error, "query");
+            } else {
+                tracing::info!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, error, "query");
+            }
+        }
+        if log.log_responses {
+            let rows = result.as_ref().ok().and_then(row_count);
+            tracing::debug!(target: "pgengine::query", query_id, rows, duration_us, "response");
+        }
+        if let Some(threshold) = log.slow_query_threshold
+            && elapsed >= threshold
+        {
+            tracing::warn!(target: "pgengine::query", query_id, sql, args = params.len(), duration_us, threshold_us = threshold.as_micros() as u64, "slow query");
+        }
+    }
+}
+
+/// An error as the query log shows it. The server's message, detail and hint can quote
+/// argument values (`Key (email)=(alice@example.com) already exists`), so without
+/// `log_arguments` a server error shows as its SQLSTATE and the objects it names
+/// (schema, table, column, constraint) only; other errors are the engine's or the
+/// driver's own words and show whole.
+fn logged_error(error: &Error, log_arguments: bool) -> String {
+    let Some(db) = error.database_error().filter(|_| !log_arguments) else {
+        return error.to_string();
+    };
+    let mut text = format!("database error: {} {}", db.severity, db.code);
+    let named = [
+        ("schema", &db.schema),
+        ("table", &db.table),
+        ("column", &db.column),
+        ("constraint", &db.constraint),
+    ];
+    for (what, name) in named {
+        if let Some(name) = name {
+            text.push_str(&format!(", {what} {name}"));
+        }
+    }
+    if let Some(statement) = error.statement() {
+        text.push_str(&format!(
+            " [statement #{}: {}]",
+            statement.index, statement.sql
+        ));
+    }
+    text
+}

@@ -1,0 +1,420 @@
+//! The runner: sends statements on one connection — alone, pipelined in a bundle, or
+//! as a portal read over time — and records how each request ended.
+//!
+//! A [`Runner`] is lent for one operation: a pooled connection, or the connection of a
+//! transaction. Every request goes through one of its methods, and each of those passes
+//! its result through the connection's and the transaction's state before handing it
+//! back: a failure cannot reach the caller without marking a failed connection broken
+//! and the transaction aborted (so a later `COMMIT` is refused). That recording step is
+//! private to this module and its children; nothing else can send without it.
+
+mod pipeline;
+
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures::StreamExt;
+use tokio::sync::MutexGuard;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, RowStream, Statement};
+
+use crate::context::EngineContext;
+use crate::error::{Error, Result};
+use crate::pool::Connection;
+use crate::query::{CompiledQuery, OneOrMany, QueryString};
+use crate::transaction::state::{RequestPermit, TxShared};
+
+use pipeline::{Outcome, Want};
+
+/// The most parameters one statement can carry: the protocol counts them in 16 bits.
+pub(crate) const MAX_PARAMETERS: usize = u16::MAX as usize;
+
+/// Compiles every statement before anything is sent.
+pub(crate) fn compile_all(statements: &[QueryString]) -> Result<OneOrMany<CompiledQuery<'_>>> {
+    match statements {
+        [] => Err(Error::invalid_input("the query has no statement")),
+        [one] => Ok(OneOrMany::One(compile(one)?)),
+        many => Ok(OneOrMany::Many(
+            many.iter().map(compile).collect::<Result<_>>()?,
+        )),
+    }
+}
+
+/// Compiles one statement, refusing more parameters than the protocol carries.
+pub(crate) fn compile(statement: &QueryString) -> Result<CompiledQuery<'_>> {
+    let compiled = statement.compile()?;
+    let count = compiled.params().len();
+    if count > MAX_PARAMETERS {
+        return Err(Error::invalid_input(format!(
+            "a statement takes at most {MAX_PARAMETERS} parameters (the protocol's limit), \
+             this one has {count}; split it, or pass an array parameter"
+        )));
+    }
+    Ok(compiled)
+}
+
+/// Sends `request` (polls it once) while holding a transaction's `turn`, so that it
+/// reaches the server behind the requests polled before it, then lets the next request
+/// send and waits for the answer. Without a turn, just runs it.
+async fn sent_in_turn<F: Future>(turn: Option<MutexGuard<'_, ()>>, request: F) -> F::Output {
+    let Some(turn) = turn else {
+        return request.await;
+    };
+    let mut request = std::pin::pin!(request);
+    if let Poll::Ready(output) = futures::poll!(request.as_mut()) {
+        return output;
+    }
+    drop(turn);
+    request.await
+}
+
+/// Runs statements on one connection for one operation: a pooled connection, or the
+/// connection of a transaction (whose failures it records).
+pub struct Runner {
+    context: Arc<EngineContext>,
+    connection: Lent,
+    transaction: Option<Arc<TxShared>>,
+}
+
+// A runner lives on the stack for one operation; boxing the pooled connection would
+// only add an allocation per query.
+#[allow(clippy::large_enum_variant)]
+enum Lent {
+    Pooled(Connection),
+    Shared(Arc<Connection>),
+}
+
+/// What a statement is run for: its rows, or the count of rows it affected.
+trait Answer: Sized + Send {
+    /// Runs a prepared statement.
+    fn prepared<'a>(
+        client: &'a Client,
+        statement: &'a Statement,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Self>> + Send + 'a;
+
+    /// Runs an unnamed statement (parsed, bound and run in one request).
+    fn unnamed<'a>(
+        connection: &'a Connection,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Self>> + Send + 'a;
+
+    /// The rows it returned or counted, for the query log.
+    fn row_count(&self) -> usize;
+}
+
+impl Answer for Vec<Row> {
+    async fn prepared(
+        client: &Client,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        Ok(client.query(statement, params).await?)
+    }
+
+    async fn unnamed(
+        connection: &Connection,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        connection.query_rows(sql, params).await
+    }
+
+    fn row_count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Answer for u64 {
+    async fn prepared(
+        client: &Client,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        Ok(client.execute(statement, params).await?)
+    }
+
+    async fn unnamed(
+        connection: &Connection,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        connection.execute_count(sql, params).await
+    }
+
+    fn row_count(&self) -> usize {
+        *self as usize
+    }
+}
+
+impl Runner {
+    /// A runner on a connection taken from a pool of `context`.
+    pub(crate) fn pooled(context: Arc<EngineContext>, connection: Connection) -> Self {
+        Self {
+            context,
+            connection: Lent::Pooled(connection),
+            transaction: None,
+        }
+    }
+
+    /// A runner on the connection of `transaction`, unless it is finished.
+    pub(crate) fn in_transaction(transaction: &Arc<TxShared>) -> Result<Self> {
+        Ok(Self {
+            context: transaction.context().clone(),
+            connection: Lent::Shared(transaction.active_connection()?),
+            transaction: Some(transaction.clone()),
+        })
+    }
+
+    /// A runner for `run_sync`: on the pool that pgengine's own runtime drives.
+    pub(crate) async fn for_blocking(context: Arc<EngineContext>) -> Result<Self> {
+        let connection = context.sync_pool.get().await?;
+        Ok(Self::pooled(context, connection))
+    }
+
+    pub(crate) fn connection(&self) -> &Connection {
+        match &self.connection {
+            Lent::Pooled(connection) => connection,
+            Lent::Shared(connection) => connection,
+        }
+    }
+
+    pub(crate) fn context(&self) -> &EngineContext {
+        &self.context
+    }
+
+    /// The transaction this runner runs in, if any.
+    pub(crate) fn transaction(&self) -> Option<&Arc<TxShared>> {
+        self.transaction.as_ref()
+    }
+
+    /// Records a failure on the connection (broken, when it failed) and on the
+    /// transaction, which PostgreSQL has now aborted. Every result of a request passes
+    /// through here.
+    fn noted<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(error) = &result {
+            self.connection().note(&result);
+            if let Some(transaction) = &self.transaction {
+                transaction.note_failure(error);
+            }
+        }
+        result
+    }
+
+    /// Admits one request of the runner's transaction (see [`TxShared::admit`]);
+    /// outside a transaction there is nothing to wait for.
+    async fn admit(&self) -> Result<Option<RequestPermit<'_>>> {
+        match &self.transaction {
+            Some(transaction) => transaction.admit().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The turn to send a request in the runner's transaction, if it has one.
+    async fn turn(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.transaction {
+            Some(transaction) => Some(transaction.turn().await),
+            None => None,
+        }
+    }
+
+    /// Runs the statements and returns the rows (of the last one, for several: those
+    /// run in one transaction, pipelined).
+    pub(crate) async fn fetch(&self, statements: &[CompiledQuery<'_>]) -> Result<Vec<Row>> {
+        if let [statement] = statements {
+            return self.prepared(statement.sql(), statement.params()).await;
+        }
+        let outcomes = pipeline::run(self, statements, Want::RowsOfLast).await?;
+        match outcomes.into_iter().last() {
+            Some(Outcome::Rows(rows)) => Ok(rows),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs the statements and returns the rows they affected, summed (several run in
+    /// one transaction, pipelined).
+    pub(crate) async fn execute(&self, statements: &[CompiledQuery<'_>]) -> Result<u64> {
+        if let [statement] = statements {
+            return self.prepared(statement.sql(), statement.params()).await;
+        }
+        let outcomes = pipeline::run(self, statements, Want::Counts).await?;
+        Ok(outcomes.iter().map(Outcome::count).sum())
+    }
+
+    /// Runs the statements, however many, in one transaction (the runner's, or their
+    /// own), pipelined: an atomic bundle.
+    pub(crate) async fn bundle(&self, statements: &[CompiledQuery<'_>]) -> Result<()> {
+        pipeline::run(self, statements, Want::Counts)
+            .await
+            .map(drop)
+    }
+
+    /// Runs SQL over the simple protocol.
+    pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
+        let _permit = self.admit().await?;
+        let turn = self.turn().await;
+        let result = sent_in_turn(turn, self.context.simple(self.connection(), sql)).await;
+        self.noted(result)
+    }
+
+    /// One statement with parameters, counting the rows it affected.
+    pub(crate) async fn execute_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        self.prepared(sql, params).await
+    }
+
+    /// One statement, prepared once per connection (statement cache), guarded, logged
+    /// and noted. (The hot path: no request future is moved through wrappers, which
+    /// would copy it whole each time.)
+    async fn prepared<A: Answer>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<A> {
+        let result = async {
+            let _permit = self.admit().await?;
+            let watch = self.context.log.watch(sql, params);
+            let request = self.connection().request();
+            let result = self.run_prepared::<A>(sql, params).await;
+            request.finish(&result);
+            if let Some(watch) = watch {
+                watch.report(&result, |answer| Some(answer.row_count()));
+            }
+            result
+        }
+        .await;
+        self.noted(result)
+    }
+
+    /// Runs `sql` as a statement prepared once per connection (statement cache).
+    ///
+    /// When the server has invalidated a cached statement (a table it reads changed
+    /// shape: SQLSTATE 0A000), it is dropped from the cache; outside a transaction the
+    /// statement is then prepared and run once more, inside one the error stands (the
+    /// transaction is aborted) and the next use prepares it afresh.
+    async fn run_prepared<A: Answer>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<A> {
+        let connection = self.connection();
+        let mut retried = false;
+        loop {
+            // Inside a transaction, a statement not yet prepared is prepared and sent in
+            // one turn, so no later request overtakes it.
+            // (The turn is held across the prepare round trip; `sent_in_turn` gives it
+            // up once the request itself is on the wire.)
+            let turn = self.turn().await;
+            let statement = match connection.caches_statements() {
+                true => Some(connection.statement(sql).await),
+                false => None,
+            };
+            let request = async {
+                match statement {
+                    Some(statement) => A::prepared(connection.client(), &statement?, params).await,
+                    None => A::unnamed(connection, sql, params).await,
+                }
+            };
+            match sent_in_turn(turn, request).await {
+                Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
+                answer => return answer,
+            }
+        }
+    }
+
+    /// After a prepared statement failed: whether to prepare `sql` afresh and run it
+    /// once more, because the cached statement outlived its table's shape (SQLSTATE
+    /// 0A000, "cached plan must not change result type"). Such a statement is dropped
+    /// from the cache either way; it is run again only once, and never inside a
+    /// transaction (which the error aborted).
+    fn retry_stale(&self, sql: &str, error: &Error, retried: &mut bool) -> bool {
+        let stale = error.database_error().is_some_and(|db| {
+            db.code == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED.code()
+                && db.message.contains("cached plan")
+        });
+        if !stale {
+            return false;
+        }
+        self.connection().forget_statement(sql);
+        let again = !*retried && self.transaction.is_none();
+        *retried = true;
+        again
+    }
+
+    /// One statement without parameters (a cursor's `DECLARE` or `FETCH`) over the
+    /// extended protocol, which runs exactly one statement; not prepared (one round
+    /// trip, nothing cached).
+    pub(crate) async fn unprepared(&self, sql: &str) -> Result<Vec<Row>> {
+        let result = async {
+            let _permit = self.admit().await?;
+            let connection = self.connection();
+            let request = connection.guarded(async {
+                connection
+                    .client()
+                    .query_typed(sql, &[])
+                    .await
+                    .map_err(Error::from)
+            });
+            let observed = self
+                .context
+                .log
+                .observe(sql, &[], request, |rows| Some(rows.len()));
+            sent_in_turn(self.turn().await, observed).await
+        }
+        .await;
+        self.noted(result)
+    }
+
+    /// Starts `statement` as a portal on the runner's pooled connection; its rows are
+    /// read later with [`read_portal`](Self::read_portal). Until the last row is read,
+    /// the request stays open: dropped before that, it is cancelled.
+    pub(crate) async fn open_portal(&self, statement: &CompiledQuery<'_>) -> Result<RowStream> {
+        let connection = self.connection();
+        let start = async {
+            let mut retried = false;
+            loop {
+                match connection
+                    .query_stream(statement.sql(), statement.params())
+                    .await
+                {
+                    Err(error) if self.retry_stale(statement.sql(), &error, &mut retried) => {}
+                    started => return started,
+                }
+            }
+        };
+        let stream = self.noted(connection.guarded(start).await)?;
+        connection.set_request_open(true);
+        Ok(stream)
+    }
+
+    /// Reads up to `wanted` rows of a portal into `batch`; true when it has no more
+    /// rows (the request is then finished). An error of the statement ends it too; after
+    /// any other failure the request is left open, to be cancelled when dropped.
+    pub(crate) async fn read_portal(
+        &self,
+        portal: &mut std::pin::Pin<Box<RowStream>>,
+        wanted: usize,
+        batch: &mut Vec<Row>,
+    ) -> Result<bool> {
+        let before = batch.len();
+        let read = async {
+            while batch.len() - before < wanted {
+                match portal.next().await {
+                    Some(row) => batch.push(row?),
+                    None => return Ok(true),
+                }
+            }
+            Ok(false)
+        };
+        let result: Result<bool> = read.await;
+        match &result {
+            Ok(true) => self.connection().set_request_open(false),
+            Err(error) if error.database_error().is_some() => {
+                // The server ended the statement it reported an error for.
+                self.connection().set_request_open(false);
+            }
+            _ => {}
+        }
+        self.noted(result)
+    }
+}

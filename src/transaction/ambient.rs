@@ -1,0 +1,73 @@
+//! The transactions ambient on the current task, one per engine: inside
+//! [`TransactionBuilder::run`](crate::TransactionBuilder::run), queries through the same
+//! engine on the same task run on the transaction's connection (a tokio task-local). A
+//! task started with `tokio::spawn` does not inherit it.
+
+use std::sync::Arc;
+
+use super::state::TxShared;
+use crate::context::EngineContext;
+use crate::error::Result;
+use crate::runner::Runner;
+
+/// The innermost transaction scope of one engine on this task: the transaction, and
+/// the turn its nested savepoint transactions take one at a time.
+#[derive(Clone)]
+pub(crate) struct Scope {
+    pub(crate) transaction: Arc<TxShared>,
+    pub(crate) nested_turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Scope {
+    /// A scope for `transaction`, with no nested transaction open yet.
+    pub(crate) fn new(transaction: Arc<TxShared>) -> Self {
+        Self {
+            transaction,
+            nested_turn: Arc::default(),
+        }
+    }
+}
+
+tokio::task_local! {
+    static AMBIENT: Vec<(u64, Scope)>;
+}
+
+/// The innermost scope of the engine `engine_id` on this task, if any.
+pub(crate) fn current_scope(engine_id: u64) -> Option<Scope> {
+    AMBIENT
+        .try_with(|ambient| {
+            ambient
+                .iter()
+                .find(|(id, _)| *id == engine_id)
+                .map(|(_, scope)| scope.clone())
+        })
+        .ok()
+        .flatten()
+}
+
+/// The ambient transaction of the engine `engine_id` on this task, if any.
+pub(crate) fn current(engine_id: u64) -> Option<Arc<TxShared>> {
+    current_scope(engine_id).map(|scope| scope.transaction)
+}
+
+/// Runs `future` with `scope` as the innermost scope of engine `engine_id`.
+pub(crate) fn scope<F: Future>(
+    engine_id: u64,
+    scope: Scope,
+    future: F,
+) -> impl Future<Output = F::Output> {
+    let mut ambient = AMBIENT.try_with(Vec::clone).unwrap_or_default();
+    ambient.retain(|(id, _)| *id != engine_id);
+    ambient.push((engine_id, scope));
+    AMBIENT.scope(ambient, future)
+}
+
+/// Where a query through the engine runs: in the ambient transaction when there is
+/// one, else on a connection from the pool.
+pub(crate) async fn runner(context: &Arc<EngineContext>) -> Result<Runner> {
+    if let Some(transaction) = current(context.id) {
+        return Runner::in_transaction(&transaction);
+    }
+    let connection = context.pool.get().await?;
+    Ok(Runner::pooled(context.clone(), connection))
+}

@@ -1,0 +1,462 @@
+//! [`TransactionBuilder`]: describes a transaction (nesting policy, isolation, read-only,
+//! deferrable, statement timeout, retry), then begins it or runs a closure in it.
+
+use std::borrow::Cow;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+
+use super::ambient;
+use super::handle::PostgresTransaction;
+use super::state::TxShared;
+use crate::context::{EngineContext, Finish};
+use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+
+/// What a transaction started inside another one (on the same task, same engine) does.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use pgengine::prelude::*;
+/// engine.transaction().run(async |_outer| {
+///     // Fails alone, keeps the outer transaction going:
+///     let inner = engine.transaction().nested(Nested::Savepoint).run(async |tx| {
+///         tx.execute("INSERT INTO band (name) VALUES ('dup')").await
+///     }).await;
+///     Ok::<_, pgengine::Error>(())
+/// }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Nested {
+    /// The inner transaction is the outer one: its queries are part of it, and the
+    /// outer one commits or rolls back everything (the default).
+    #[default]
+    Join,
+    /// The inner transaction is a savepoint: an inner error rolls back to it and
+    /// releases it, and the outer transaction goes on.
+    Savepoint,
+    /// Starting a transaction inside another is an [`ErrorKind::Transaction`] error.
+    Forbid,
+}
+
+/// The isolation level of a transaction, sent in its `BEGIN`.
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// let tx = engine.transaction().isolation(pgengine::IsolationLevel::RepeatableRead).begin().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationLevel {
+    /// `READ COMMITTED`, PostgreSQL's default.
+    ReadCommitted,
+    /// `REPEATABLE READ`.
+    RepeatableRead,
+    /// `SERIALIZABLE`; pair it with a [`RetryPolicy`].
+    Serializable,
+}
+
+impl IsolationLevel {
+    fn sql(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadCommitted => "READ COMMITTED",
+            IsolationLevel::RepeatableRead => "REPEATABLE READ",
+            IsolationLevel::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// Describes a transaction, then [`run`](Self::run)s a closure in it or
+/// [`begin`](Self::begin)s it. Made by [`PostgresEngine::transaction`].
+///
+/// ```no_run
+/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// use pgengine::prelude::*;
+/// let total: i64 = engine
+///     .transaction()
+///     .isolation(IsolationLevel::Serializable)
+///     .read_only(true)
+///     .retry(RetryPolicy::new(5))
+///     .run(async |tx| Ok::<_, pgengine::Error>(tx.fetch_one("SELECT sum(balance)::bigint FROM account").await?.get(0)))
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use = "a transaction builder does nothing until `run` or `begin`"]
+pub struct TransactionBuilder {
+    context: Arc<EngineContext>,
+    nested: Nested,
+    isolation: Option<IsolationLevel>,
+    read_only: Option<bool>,
+    deferrable: Option<bool>,
+    statement_timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
+}
+
+impl TransactionBuilder {
+    /// A transaction on the engine of `context`, with the default options.
+    pub(crate) fn new(context: Arc<EngineContext>) -> Self {
+        Self {
+            context,
+            nested: Nested::default(),
+            isolation: None,
+            read_only: None,
+            deferrable: None,
+            statement_timeout: None,
+            retry: None,
+        }
+    }
+
+    /// The seed's switch: `true` joins an outer transaction ([`Nested::Join`]), `false`
+    /// makes nesting an error ([`Nested::Forbid`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// let builder = engine.transaction().allow_nested(false);
+    /// # }
+    /// ```
+    pub fn allow_nested(mut self, allow: bool) -> Self {
+        self.nested = if allow { Nested::Join } else { Nested::Forbid };
+        self
+    }
+
+    /// The nesting policy in full; see [`Nested`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// let builder = engine.transaction().nested(pgengine::Nested::Savepoint);
+    /// # }
+    /// ```
+    pub fn nested(mut self, nested: Nested) -> Self {
+        self.nested = nested;
+        self
+    }
+
+    /// The isolation level (only for an outermost transaction).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// let builder = engine.transaction().isolation(pgengine::IsolationLevel::Serializable);
+    /// # }
+    /// ```
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// `READ ONLY` (true) or `READ WRITE` (false) (only for an outermost transaction).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// let builder = engine.transaction().read_only(true);
+    /// # }
+    /// ```
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = Some(read_only);
+        self
+    }
+
+    /// `DEFERRABLE` (true) or `NOT DEFERRABLE` (false); matters for serializable
+    /// read-only transactions (only for an outermost transaction).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// use pgengine::IsolationLevel;
+    /// let builder = engine.transaction().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true);
+    /// # }
+    /// ```
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = Some(deferrable);
+        self
+    }
+
+    /// The longest any one statement of the transaction may run: the server cancels a
+    /// statement past it (SQLSTATE 57014), which aborts the transaction. Sent with the
+    /// `BEGIN` (`SET LOCAL statement_timeout`, no extra round trip); it ends with the
+    /// transaction. Rounded up to the millisecond; `Duration::ZERO` means no timeout
+    /// (as 0 does in PostgreSQL), even where the server sets one. Only for an outermost
+    /// transaction; a nested one runs under the outer one's.
+    ///
+    /// To bound a whole closure-form transaction, wrap it in `tokio::time::timeout`:
+    /// dropped at the deadline, it is rolled back before its connection is reused (only
+    /// a deadline that falls while the `COMMIT` is in flight leaves the outcome unknown).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// use std::time::Duration;
+    /// let builder = engine.transaction().statement_timeout(Duration::from_secs(5));
+    /// # }
+    /// ```
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Run the closure again after a serialization failure or a deadlock (closure form
+    /// only); see [`RetryPolicy`].
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// let builder = engine.transaction().retry(pgengine::RetryPolicy::new(5));
+    /// # }
+    /// ```
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Begins the transaction and returns its guard. Call [`commit`](PostgresTransaction::commit)
+    /// or [`rollback`](PostgresTransaction::rollback); a guard dropped without either is
+    /// rolled back before its connection serves anyone else.
+    ///
+    /// Inside an ambient transaction the nesting policy applies: `Join` returns a handle
+    /// on the outer transaction, `Savepoint` one on a new savepoint (whose `commit`
+    /// releases it), `Forbid` an error.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let tx = engine.transaction().read_only(true).begin().await?;
+    /// let rows = tx.fetch("SELECT * FROM band").await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(self) -> Result<PostgresTransaction> {
+        match ambient::current_scope(self.context.id) {
+            Some(outer) => self.enter_nested(outer, Wait::Refuse).await,
+            None => self.begin_outermost().await,
+        }
+    }
+
+    /// Runs `body` in the transaction: commits when it returns `Ok`, rolls back when it
+    /// returns `Err` or panics (the panic then continues). Queries through the engine
+    /// inside `body`, on this task, run in the transaction too.
+    ///
+    /// With a [`retry`](Self::retry) policy, `body` runs again after a serialization
+    /// failure or a deadlock (met by a query, by the implicit `COMMIT` or by a
+    /// `tx.commit()` inside the body); when the attempts run out, the error is that
+    /// database error with [`Error::attempts`] set. A commit whose outcome is unknown
+    /// ([`ErrorKind::CommitOutcomeUnknown`]) is never retried.
+    ///
+    /// The body may finish the transaction itself: after `tx.commit()` or
+    /// `tx.rollback()`, queries on it are errors, and `run` returns the body's value —
+    /// unless that commit failed, which `run` then reports even if the body swallowed it.
+    ///
+    /// Nested (inside another transaction's body, on the same task), the
+    /// [`nested`](Self::nested) policy applies. Nested [`Nested::Savepoint`]
+    /// transactions of one scope run one at a time, in the order they were started (a
+    /// second one waits for the first): PostgreSQL's savepoints form a stack, and
+    /// siblings interleaved on it could undo each other's work. A nested savepoint
+    /// transaction whose body met a database error is rolled back to its savepoint even
+    /// when the body swallowed the error, and `run` then returns an
+    /// [`ErrorKind::Transaction`] error; the outer transaction goes on.
+    ///
+    /// The returned future is `Send` when the closure's is. To `tokio::spawn` it, make
+    /// the closure own what it uses (`async move |tx| …` over clones): with a closure
+    /// that borrows from its surroundings, today's compiler cannot prove the spawned
+    /// future `Send` ("implementation of `Send` is not general enough",
+    /// rust-lang/rust#139475).
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// use pgengine::prelude::*;
+    /// let id: i32 = engine.transaction().run(async |tx| {
+    ///     let row = tx.fetch_one(sql!("INSERT INTO band (name) VALUES ({}) RETURNING id", "Rustaceans")).await?;
+    ///     tx.execute(sql!("INSERT INTO concert (band_id) VALUES ({})", row.get::<_, i32>(0))).await?;
+    ///     Ok::<_, pgengine::Error>(row.get(0))
+    /// }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run<T, E, F>(self, mut body: F) -> std::result::Result<T, E>
+    where
+        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        E: From<Error>,
+    {
+        if let Some(outer) = ambient::current_scope(self.context.id) {
+            return Box::pin(self.run_nested(outer, body)).await;
+        }
+        let engine_id = self.context.id;
+        let mut attempt = 1;
+        loop {
+            let tx = self.begin_outermost().await?;
+            // Boxed: the body's future is large, and this one would copy it whole at
+            // each move; a box is moved as a pointer.
+            let body = Box::pin(AssertUnwindSafe(body(&tx)).catch_unwind());
+            let scope = ambient::Scope::new(tx.shared().clone());
+            let outcome = ambient::scope(engine_id, scope, body).await;
+            let retryable = match outcome {
+                Err(panic) => {
+                    let _ = tx.finish_if_active(Finish::Rollback).await;
+                    std::panic::resume_unwind(panic)
+                }
+                Ok(Ok(value)) => match tx.finish_if_active(Finish::Commit).await {
+                    Ok(()) => match tx.shared().failed_commit() {
+                        // The body committed itself, and that commit failed.
+                        Some(error) => error,
+                        None => return Ok(value),
+                    },
+                    Err(error) => error,
+                },
+                Ok(Err(error)) => {
+                    let _ = tx.finish_if_active(Finish::Rollback).await;
+                    match tx.shared().retryable_cause() {
+                        Some(cause) if self.retry.is_some() => Error::from_database(cause),
+                        _ => return Err(error),
+                    }
+                }
+            };
+            // A serialization failure or deadlock that the body swallowed still aborted
+            // the transaction: retry for it too.
+            let retryable = match (retryable, tx.shared().retryable_cause()) {
+                (error, _) if error.is_outcome_unknown() || self.retry.is_none() => {
+                    return Err(error.into());
+                }
+                (error, _) if error.is_retryable() => error,
+                (_, Some(cause)) => Error::from_database(cause),
+                (error, None) => return Err(error.into()),
+            };
+            let policy = self.retry.expect("only retried with a policy");
+            if attempt >= policy.max_attempts() {
+                return Err(retryable.with_attempts(attempt).into());
+            }
+            tracing::debug!(target: "pgengine", attempt, error = %retryable, "retrying the transaction");
+            tokio::time::sleep(policy.backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    async fn run_nested<T, E, F>(
+        self,
+        outer: ambient::Scope,
+        mut body: F,
+    ) -> std::result::Result<T, E>
+    where
+        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        E: From<Error>,
+    {
+        let tx = self.enter_nested(outer, Wait::Queue).await?;
+        if !tx.is_nested_savepoint() {
+            return body(&tx).await;
+        }
+        // The nested scope is ambient for the body: transactions nested in it queue on
+        // it, not on the outer scope (which this one holds).
+        let scope = ambient::Scope::new(tx.shared().clone());
+        let body = Box::pin(AssertUnwindSafe(body(&tx)).catch_unwind());
+        match ambient::scope(self.context.id, scope, body).await {
+            Ok(Ok(value)) => {
+                tx.finish_if_active(Finish::Commit).await?;
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                tx.finish_if_active(Finish::Rollback).await?;
+                Err(error)
+            }
+            Err(panic) => {
+                let _ = tx.finish_if_active(Finish::Rollback).await;
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    async fn enter_nested(&self, outer: ambient::Scope, wait: Wait) -> Result<PostgresTransaction> {
+        match self.nested {
+            Nested::Join => Ok(PostgresTransaction::joined(outer.transaction)),
+            Nested::Forbid => Err(Error::transaction(
+                "a transaction of this engine is already running on this task, and this one \
+                 forbids nesting (allow_nested(false) / Nested::Forbid)",
+            )),
+            Nested::Savepoint => {
+                let turn = match wait {
+                    Wait::Queue => outer.nested_turn.lock_owned().await,
+                    Wait::Refuse => outer.nested_turn.try_lock_owned().map_err(|_| {
+                        Error::transaction(
+                            "another nested transaction of this scope is still open: finish it \
+                             first (nested savepoint transactions of one scope run one at a time)",
+                        )
+                    })?,
+                };
+                let savepoint = PostgresTransaction::joined(outer.transaction.clone())
+                    .savepoint(None)
+                    .await?;
+                let name = savepoint.name().to_owned();
+                let sequence = outer.transaction.savepoint_sequence(&name);
+                Ok(PostgresTransaction::nested_savepoint(
+                    outer.transaction,
+                    name,
+                    sequence,
+                    turn,
+                ))
+            }
+        }
+    }
+
+    async fn begin_outermost(&self) -> Result<PostgresTransaction> {
+        let context = &self.context;
+        let connection = context.pool.get().await?;
+        // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
+        connection.set_in_transaction(true);
+        context.simple(&connection, &self.begin_sql()).await?;
+        Ok(PostgresTransaction::outermost(Arc::new(TxShared::new(
+            context.clone(),
+            connection,
+        ))))
+    }
+
+    /// `BEGIN` with the options, in one statement.
+    fn begin_sql(&self) -> Cow<'static, str> {
+        let mut modes = Vec::new();
+        if let Some(level) = self.isolation {
+            modes.push(format!("ISOLATION LEVEL {}", level.sql()));
+        }
+        match self.read_only {
+            Some(true) => modes.push("READ ONLY".into()),
+            Some(false) => modes.push("READ WRITE".into()),
+            None => {}
+        }
+        match self.deferrable {
+            Some(true) => modes.push("DEFERRABLE".into()),
+            Some(false) => modes.push("NOT DEFERRABLE".into()),
+            None => {}
+        }
+        let begin = if modes.is_empty() {
+            Cow::Borrowed("BEGIN")
+        } else {
+            Cow::Owned(format!("BEGIN {}", modes.join(", ")))
+        };
+        match self.statement_timeout {
+            None => begin,
+            Some(timeout) => {
+                // PostgreSQL takes whole milliseconds up to i32::MAX; 0 means none.
+                let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
+                Cow::Owned(format!("{begin}; SET LOCAL statement_timeout = {millis}"))
+            }
+        }
+    }
+}
+
+/// Whether entering a nested savepoint transaction waits for an open sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The closure form: queue behind the sibling.
+    Queue,
+    /// The guard form: a sibling open on the same scope is an error (waiting for it
+    /// could wait forever on this very task).
+    Refuse,
+}
+
+impl std::fmt::Debug for TransactionBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionBuilder")
+            .field("engine", &self.context.id)
+            .field("nested", &self.nested)
+            .field("isolation", &self.isolation)
+            .field("read_only", &self.read_only)
+            .field("deferrable", &self.deferrable)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}

@@ -22,16 +22,16 @@ use crate::transaction::ambient;
 /// it succeeds or fails. A failing statement rolls back the bundle; the error names it
 /// ([`Error::statement`](crate::Error::statement)).
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::sql;
 /// let mut atomic = engine.atomic();
-/// atomic.add("CREATE TABLE band (name text, popularity int)");
-/// for (name, popularity) in [("Pythonistas", 1000), ("Rustaceans", 2000)] {
-///     atomic.add(sql!("INSERT INTO band VALUES ({}, {})", name, popularity));
+/// atomic.add("CREATE TABLE fan (name text, favourite text)");
+/// for (name, favourite) in [("Ada", "Pythonistas"), ("Grace", "Rustaceans")] {
+///     atomic.add(sql!("INSERT INTO fan VALUES ({}, {})", name, favourite));
 /// }
 /// atomic.run().await?;      // or `atomic.await?`, or `atomic.run_sync()?` from sync code
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 #[must_use = "an atomic does nothing until it is run or awaited"]
 pub struct Atomic {
@@ -50,12 +50,12 @@ impl Atomic {
 
     /// Adds a query (all its statements).
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// let mut atomic = engine.atomic();
     /// atomic.add("DELETE FROM band").add(pgengine::sql!("INSERT INTO band (name) VALUES ({})", "x"));
     /// assert_eq!(atomic.len(), 2);
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn add(&mut self, query: impl Query) -> &mut Self {
         self.queries.extend(query.into_querystrings());
@@ -64,12 +64,12 @@ impl Atomic {
 
     /// Adds several queries at once.
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// let mut atomic = engine.atomic();
     /// atomic.add_all((0..3).map(|i| pgengine::sql!("INSERT INTO t VALUES ({})", i)));
     /// assert_eq!(atomic.len(), 3);
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn add_all<Q: Query>(&mut self, queries: impl IntoIterator<Item = Q>) -> &mut Self {
         for query in queries {
@@ -80,10 +80,10 @@ impl Atomic {
 
     /// How many statements are waiting to run.
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// assert_eq!(engine.atomic().len(), 0);
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn len(&self) -> usize {
         self.queries.len()
@@ -91,10 +91,10 @@ impl Atomic {
 
     /// Whether no statement is waiting to run.
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// assert!(engine.atomic().is_empty());
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn is_empty(&self) -> bool {
         self.queries.is_empty()
@@ -102,11 +102,13 @@ impl Atomic {
 
     /// Runs every added statement in one transaction and empties the list.
     ///
-    /// ```no_run
-    /// # async fn demo(mut atomic: pgengine::Atomic) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let mut atomic = engine.atomic();
+    /// # atomic.add("DELETE FROM concert");
     /// atomic.run().await?;
     /// assert!(atomic.is_empty());
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn run(&mut self) -> Result<()> {
         let queries = std::mem::take(&mut self.queries);
@@ -126,12 +128,16 @@ impl Atomic {
     /// meanwhile (on a multi-thread runtime, after handing its other tasks away). In
     /// async code, prefer `.await`.
     ///
-    /// ```no_run
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// fn migrate(engine: &pgengine::PostgresEngine) -> pgengine::Result<()> {
     ///     let mut atomic = engine.atomic();
     ///     atomic.add("CREATE TABLE a (id int)").add("CREATE TABLE b (id int)");
     ///     atomic.run_sync()
     /// }
+    /// // From synchronous code (here a blocking thread of the runtime):
+    /// tokio::task::spawn_blocking(move || migrate(&engine)).await.unwrap()?;
+    /// # Ok(()) });
     /// ```
     pub fn run_sync(&mut self) -> Result<()> {
         let queries = std::mem::take(&mut self.queries);

@@ -44,8 +44,8 @@ const RESERVED_ROWS: usize = 1024;
 /// at most 1,024 rows is reserved up front, so a huge `batch_size` costs memory only for
 /// the rows that actually come.
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use futures::TryStreamExt;
 /// use pgengine::prelude::*;
 /// let mut batch = engine.batch(pgengine::sql!("SELECT * FROM band WHERE popularity > {}", 10), 500).await?;
@@ -54,7 +54,7 @@ const RESERVED_ROWS: usize = 1024;
 /// }
 /// // Or as a `Stream`:
 /// let batches: Vec<Vec<pgengine::Row>> = engine.batch("SELECT 1", 10).await?.try_collect().await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 pub struct AsyncBatch {
     source: Option<Box<Source>>,
@@ -124,12 +124,14 @@ impl AsyncBatch {
     /// The next batch: `Ok(Some(rows))` with 1 to `batch_size` rows, `Ok(None)` when all
     /// rows were returned. An error of the query (even mid-stream) is returned here.
     ///
-    /// ```no_run
-    /// # async fn demo(mut batch: pgengine::AsyncBatch) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # use pgengine::prelude::*;
+    /// # let mut batch = engine.batch("SELECT * FROM big_table", 1000).await?;
     /// while let Some(rows) = batch.next().await? {
     ///     println!("{} rows", rows.len());
     /// }
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn next(&mut self) -> Result<Option<Vec<Row>>> {
         futures::future::poll_fn(|cx| self.poll_batch(cx)).await

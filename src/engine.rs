@@ -106,11 +106,11 @@ impl PostgresEngine {
     /// handshake. Only the missing ones are opened, and connections in use are not
     /// waited for: calling it again, or while queries run, is harmless.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// engine.start_connection_pool().await?;
     /// assert_eq!(engine.pool_status().size, engine.pool_status().max_size);
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn start_connection_pool(&self) -> Result<()> {
         // Holding every idle connection and as many new ones as are missing makes the
@@ -138,12 +138,12 @@ impl PostgresEngine {
     /// so a caller that holds a transaction itself does not wait forever. Closing is
     /// final: build a new engine to connect again. Calling it twice is harmless.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// engine.close_connection_pool().await;
     /// assert_eq!(engine.fetch("SELECT 1").await.unwrap_err().kind(), pgengine::ErrorKind::Closed);
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub async fn close_connection_pool(&self) {
         let pools = [&self.context.pool, &self.context.sync_pool];
@@ -163,11 +163,11 @@ impl PostgresEngine {
 
     /// The pool's size now: connections open, idle, and the most it holds.
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// let status = engine.pool_status();
     /// println!("{} of {} connections open, {} idle", status.size, status.max_size, status.available);
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn pool_status(&self) -> PoolStatus {
         let status = self.context.pool.status();
@@ -191,11 +191,11 @@ impl PostgresEngine {
 
     /// The server's version, e.g. `16.10`.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// let version = engine.get_version().await?;
     /// assert!(version.major >= 12);
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn get_version(&self) -> Result<ServerVersion> {
         let row = self.fetch_one("SHOW server_version").await?;
@@ -205,10 +205,10 @@ impl PostgresEngine {
     /// Creates each configured extension that is missing (`CREATE EXTENSION IF NOT
     /// EXISTS`). Lacking the privilege to do so is a `WARN`, not an error.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// engine.prep_database().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn prep_database(&self) -> Result<()> {
         for extension in &self.context.settings.extensions {
@@ -234,8 +234,8 @@ impl PostgresEngine {
     /// deferrable, retry; then [`run`](TransactionBuilder::run) or
     /// [`begin`](TransactionBuilder::begin) it.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// engine
     ///     .transaction()
@@ -246,7 +246,7 @@ impl PostgresEngine {
     ///         Ok::<_, pgengine::Error>(())
     ///     })
     ///     .await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub fn transaction(&self) -> TransactionBuilder {
         TransactionBuilder::new(self.context.clone())
@@ -254,13 +254,13 @@ impl PostgresEngine {
 
     /// Begins a transaction with the default options: `engine.transaction().begin()`.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let tx = engine.begin().await?;
     /// tx.execute("DELETE FROM band").await?;
     /// tx.commit().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn begin(&self) -> Result<PostgresTransaction> {
         self.transaction().begin().await
@@ -268,14 +268,14 @@ impl PostgresEngine {
 
     /// The transaction this task is running inside (through this engine), if any.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// assert!(engine.current_transaction().is_none());
     /// engine.transaction().run(async |_tx| {
     ///     assert!(engine.current_transaction().is_some());
     ///     Ok::<_, pgengine::Error>(())
     /// }).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub fn current_transaction(&self) -> Option<PostgresTransaction> {
         ambient::current(self.context.id).map(PostgresTransaction::joined)
@@ -283,10 +283,10 @@ impl PostgresEngine {
 
     /// Whether this task is running inside a transaction of this engine.
     ///
-    /// ```no_run
-    /// # fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// assert!(!engine.transaction_exists());
-    /// # }
+    /// # Ok(()) });
     /// ```
     pub fn transaction_exists(&self) -> bool {
         ambient::current(self.context.id).is_some()
@@ -294,12 +294,12 @@ impl PostgresEngine {
 
     /// An empty [`Atomic`]: add queries, then run them all in one transaction.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// let mut atomic = engine.atomic();
     /// atomic.add("CREATE TABLE a (id int)").add("CREATE TABLE b (id int)");
     /// atomic.run().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub fn atomic(&self) -> Atomic {
         Atomic::new(self.context.clone())
@@ -318,10 +318,10 @@ impl std::fmt::Debug for PostgresEngine {
 
 /// A snapshot of the pool: see [`PostgresEngine::pool_status`].
 ///
-/// ```no_run
-/// # fn demo(engine: pgengine::PostgresEngine) {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// let pgengine::PoolStatus { size, available, .. } = engine.pool_status();
-/// # }
+/// # Ok(()) });
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

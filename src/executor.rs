@@ -27,12 +27,18 @@ pub(crate) mod sealed {
 /// A query of several statements runs them all, in order, in one transaction (the
 /// current one, or its own), pipelined.
 ///
-/// ```no_run
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::prelude::*;
 /// // Works with the engine and inside a transaction alike.
 /// async fn count_bands(db: &impl Executor) -> pgengine::Result<i64> {
 ///     Ok(db.fetch_one("SELECT count(*) FROM band").await?.get(0))
 /// }
+/// assert_eq!(count_bands(&engine).await?, 2);
+/// let tx = engine.begin().await?;
+/// tx.execute("DELETE FROM band WHERE name = 'Pythonistas'").await?;
+/// assert_eq!(count_bands(&tx).await?, 1);
+/// # Ok(()) });
 /// ```
 pub trait Executor: sealed::Sealed + Sync {
     /// Runs the query and returns its rows (of its last statement, for several).
@@ -41,13 +47,13 @@ pub trait Executor: sealed::Sealed + Sync {
     /// and a million rows of 200 bytes take some 300 MiB. For a result that can be
     /// large, [`batch`](Executor::batch) streams it in memory bounded by its batch size.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// for row in engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 100)).await? {
     ///     let name: String = row.get("name");
     /// }
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn fetch<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Vec<Row>>> + Send {
         async move {
@@ -60,11 +66,11 @@ pub trait Executor: sealed::Sealed + Sync {
     /// Runs the query and returns its only row; no row is [`ErrorKind::RowNotFound`],
     /// several are [`ErrorKind::TooManyRows`].
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let count: i64 = engine.fetch_one("SELECT count(*) FROM band").await?.get(0);
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn fetch_one<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Row>> + Send {
         async move {
@@ -86,11 +92,11 @@ pub trait Executor: sealed::Sealed + Sync {
     /// Runs the query and returns its row, or `None` when there is none; several rows
     /// are [`ErrorKind::TooManyRows`].
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let band = engine.fetch_optional(sql!("SELECT * FROM band WHERE name = {}", "Rustaceans")).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn fetch_optional<Q: Query>(
         &self,
@@ -111,11 +117,11 @@ pub trait Executor: sealed::Sealed + Sync {
     /// Runs the query and returns the number of rows it affected (summed over its
     /// statements).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let n = engine.execute(sql!("UPDATE band SET popularity = {} WHERE name = {}", 0, "Pythonistas")).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn execute<Q: Query>(&self, query: Q) -> impl Future<Output = Result<u64>> + Send {
         async move {
@@ -129,11 +135,11 @@ pub trait Executor: sealed::Sealed + Sync {
     /// simple protocol. Several statements outside a transaction run as one implicit
     /// transaction (all or nothing).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
-    /// engine.run_ddl("CREATE TABLE band (name text); CREATE INDEX ON band (name)").await?;
-    /// # Ok(()) }
+    /// engine.run_ddl("CREATE TABLE venue (name text); CREATE INDEX ON venue (name)").await?;
+    /// # Ok(()) });
     /// ```
     fn run_ddl(&self, ddl: &str) -> impl Future<Output = Result<()>> + Send {
         async move { self.runner().await?.simple(ddl).await }
@@ -143,8 +149,8 @@ pub trait Executor: sealed::Sealed + Sync {
     /// see [`AsyncBatch`]. Inside a transaction (this one, or the ambient one of the
     /// engine) it reads a cursor of that transaction and sees its uncommitted rows.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let mut batch = engine.batch("SELECT * FROM big_table", 1000).await?;
     /// while let Some(rows) = batch.next().await? {
@@ -152,7 +158,7 @@ pub trait Executor: sealed::Sealed + Sync {
     /// }
     /// let tx = engine.begin().await?;
     /// let mut batch = tx.batch("SELECT * FROM big_table", 1000).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn batch<Q: Query>(
         &self,
@@ -165,11 +171,11 @@ pub trait Executor: sealed::Sealed + Sync {
     /// Runs one [`QueryString`] and returns its rows: the seed's name for
     /// [`fetch`](Executor::fetch).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let rows = engine.run_querystring(sql!("SELECT {}::int", 1)).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     fn run_querystring(
         &self,

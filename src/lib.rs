@@ -6,22 +6,24 @@
 //! *atomic* bundles of queries sent in a few round trips, and batched streaming of
 //! large results in bounded memory.
 //!
-//! ```no_run
+//! ```
 //! use pgengine::prelude::*;
 //!
-//! # async fn demo() -> pgengine::Result<()> {
+//! # pgengine_testing::doctest(async |engine| {
+//! # /*
 //! let engine = PostgresEngine::connect("postgres://postgres@localhost/app").await?;
+//! # */
 //! engine.run_ddl("CREATE TABLE IF NOT EXISTS band (name text PRIMARY KEY, popularity int)").await?;
 //!
 //! engine.transaction().run(async |tx| {
-//!     tx.execute(sql!("INSERT INTO band VALUES ({}, {})", "Pythonistas", 1000)).await?;
-//!     tx.execute(sql!("INSERT INTO band VALUES ({}, {})", "Rustaceans", 2000)).await?;
+//!     tx.execute(sql!("INSERT INTO band (name, popularity) VALUES ({}, {})", "Gophers", 3000)).await?;
+//!     tx.execute(sql!("INSERT INTO band (name, popularity) VALUES ({}, {})", "Crabs", 500)).await?;
 //!     Ok::<_, pgengine::Error>(())
 //! }).await?;
 //!
-//! let popular = engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 1500)).await?;
-//! assert_eq!(popular[0].get::<_, &str>(0), "Rustaceans");
-//! # Ok(()) }
+//! let popular = engine.fetch(sql!("SELECT name FROM band WHERE popularity > {}", 2500)).await?;
+//! assert_eq!(popular[0].get::<_, &str>(0), "Gophers");
+//! # Ok(()) });
 //! ```
 
 #![forbid(unsafe_code)]
@@ -76,6 +78,11 @@ pub use tokio_postgres::Row;
 pub use tokio_postgres::types;
 pub use transaction::{IsolationLevel, Nested, PostgresTransaction, TransactionBuilder};
 pub use version::ServerVersion;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Everything for everyday use: `use pgengine::prelude::*;`.
 ///

@@ -9,8 +9,8 @@ pub use crate::identifier::quote_identifier;
 
 /// A savepoint of a transaction: roll back to it, or release it.
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::prelude::*;
 /// let tx = engine.begin().await?;
 /// tx.execute("INSERT INTO band (name) VALUES ('A')").await?;
@@ -18,7 +18,7 @@ pub use crate::identifier::quote_identifier;
 /// tx.execute("INSERT INTO band (name) VALUES ('B')").await?;
 /// savepoint.rollback_to().await?;                      // B is gone, A stays
 /// tx.commit().await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 pub struct Savepoint {
     transaction: Arc<TxShared>,
@@ -33,10 +33,11 @@ impl Savepoint {
 
     /// The savepoint's name, e.g. `savepoint_1`.
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// assert_eq!(tx.savepoint(Some("before_import")).await?.name(), "before_import");
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub fn name(&self) -> &str {
         &self.name
@@ -45,10 +46,12 @@ impl Savepoint {
     /// Undoes everything done in the transaction since the savepoint; the savepoint
     /// stays, so this can be done again.
     ///
-    /// ```no_run
-    /// # async fn demo(savepoint: pgengine::Savepoint) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
+    /// # let savepoint = tx.savepoint(None).await?;
     /// savepoint.rollback_to().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn rollback_to(&self) -> Result<()> {
         self.transaction.rollback_to(&self.name).await
@@ -56,10 +59,12 @@ impl Savepoint {
 
     /// Forgets the savepoint, keeping what was done since.
     ///
-    /// ```no_run
-    /// # async fn demo(savepoint: pgengine::Savepoint) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
+    /// # let savepoint = tx.savepoint(None).await?;
     /// savepoint.release().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn release(self) -> Result<()> {
         self.transaction.release(&self.name).await

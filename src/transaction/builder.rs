@@ -17,8 +17,8 @@ use crate::retry::RetryPolicy;
 
 /// What a transaction started inside another one (on the same task, same engine) does.
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::prelude::*;
 /// engine.transaction().run(async |_outer| {
 ///     // Fails alone, keeps the outer transaction going:
@@ -27,7 +27,7 @@ use crate::retry::RetryPolicy;
 ///     }).await;
 ///     Ok::<_, pgengine::Error>(())
 /// }).await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Nested {
@@ -44,10 +44,10 @@ pub enum Nested {
 
 /// The isolation level of a transaction, sent in its `BEGIN`.
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// let tx = engine.transaction().isolation(pgengine::IsolationLevel::RepeatableRead).begin().await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IsolationLevel {
@@ -72,8 +72,8 @@ impl IsolationLevel {
 /// Describes a transaction, then [`run`](Self::run)s a closure in it or
 /// [`begin`](Self::begin)s it. Made by [`PostgresEngine::transaction`].
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::prelude::*;
 /// let total: i64 = engine
 ///     .transaction()
@@ -82,7 +82,7 @@ impl IsolationLevel {
 ///     .retry(RetryPolicy::new(5))
 ///     .run(async |tx| Ok::<_, pgengine::Error>(tx.fetch_one("SELECT sum(balance)::bigint FROM account").await?.get(0)))
 ///     .await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 #[derive(Clone)]
 #[must_use = "a transaction builder does nothing until `run` or `begin`"]
@@ -113,10 +113,15 @@ impl TransactionBuilder {
     /// The seed's switch: `true` joins an outer transaction ([`Nested::Join`]), `false`
     /// makes nesting an error ([`Nested::Forbid`]).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
-    /// let builder = engine.transaction().allow_nested(false);
-    /// # }
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// engine.transaction().run(async |_outer| {
+    ///     let refused = engine.transaction().allow_nested(false).begin().await;
+    ///     assert_eq!(refused.unwrap_err().kind(), pgengine::ErrorKind::Transaction);
+    ///     Ok::<_, pgengine::Error>(())
+    /// }).await?;
+    /// # Ok(()) });
     /// ```
     pub fn allow_nested(mut self, allow: bool) -> Self {
         self.nested = if allow { Nested::Join } else { Nested::Forbid };
@@ -125,10 +130,17 @@ impl TransactionBuilder {
 
     /// The nesting policy in full; see [`Nested`].
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
-    /// let builder = engine.transaction().nested(pgengine::Nested::Savepoint);
-    /// # }
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// engine.transaction().run(async |tx| {
+    ///     let inner = engine.transaction().nested(Nested::Savepoint).run(async |tx| {
+    ///         tx.execute("INSERT INTO band (name) VALUES ('Rustaceans')").await  // a duplicate
+    ///     }).await;
+    ///     assert!(inner.is_err());                         // rolled back to its savepoint
+    ///     tx.execute("INSERT INTO band (name) VALUES ('Gophers')").await  // the outer goes on
+    /// }).await?;
+    /// # Ok(()) });
     /// ```
     pub fn nested(mut self, nested: Nested) -> Self {
         self.nested = nested;
@@ -137,10 +149,14 @@ impl TransactionBuilder {
 
     /// The isolation level (only for an outermost transaction).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
-    /// let builder = engine.transaction().isolation(pgengine::IsolationLevel::Serializable);
-    /// # }
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let tx = engine.transaction().isolation(IsolationLevel::Serializable).begin().await?;
+    /// let level: String = tx.fetch_one("SHOW transaction_isolation").await?.get(0);
+    /// assert_eq!(level, "serializable");
+    /// tx.commit().await?;
+    /// # Ok(()) });
     /// ```
     pub fn isolation(mut self, level: IsolationLevel) -> Self {
         self.isolation = Some(level);
@@ -149,10 +165,13 @@ impl TransactionBuilder {
 
     /// `READ ONLY` (true) or `READ WRITE` (false) (only for an outermost transaction).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
-    /// let builder = engine.transaction().read_only(true);
-    /// # }
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let tx = engine.transaction().read_only(true).begin().await?;
+    /// assert!(tx.execute("DELETE FROM band").await.is_err());   // refused by the server
+    /// tx.rollback().await?;
+    /// # Ok(()) });
     /// ```
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = Some(read_only);
@@ -162,11 +181,16 @@ impl TransactionBuilder {
     /// `DEFERRABLE` (true) or `NOT DEFERRABLE` (false); matters for serializable
     /// read-only transactions (only for an outermost transaction).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::IsolationLevel;
-    /// let builder = engine.transaction().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true);
-    /// # }
+    /// use pgengine::prelude::*;
+    /// let report = engine.transaction().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true);
+    /// let total: i64 = report
+    ///     .run(async |tx| Ok::<_, pgengine::Error>(tx.fetch_one("SELECT sum(balance) FROM account").await?.get(0)))
+    ///     .await?;
+    /// assert_eq!(total, 200);
+    /// # Ok(()) });
     /// ```
     pub fn deferrable(mut self, deferrable: bool) -> Self {
         self.deferrable = Some(deferrable);
@@ -184,11 +208,15 @@ impl TransactionBuilder {
     /// dropped at the deadline, it is rolled back before its connection is reused (only
     /// a deadline that falls while the `COMMIT` is in flight leaves the outcome unknown).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use std::time::Duration;
-    /// let builder = engine.transaction().statement_timeout(Duration::from_secs(5));
-    /// # }
+    /// use pgengine::prelude::*;
+    /// let tx = engine.transaction().statement_timeout(Duration::from_millis(100)).begin().await?;
+    /// let slow = tx.execute("SELECT pg_sleep(5)").await.unwrap_err();
+    /// assert_eq!(slow.database_error().unwrap().code, "57014");   // query_canceled
+    /// tx.rollback().await?;
+    /// # Ok(()) });
     /// ```
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
@@ -198,10 +226,15 @@ impl TransactionBuilder {
     /// Run the closure again after a serialization failure or a deadlock (closure form
     /// only); see [`RetryPolicy`].
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) {
-    /// let builder = engine.transaction().retry(pgengine::RetryPolicy::new(5));
-    /// # }
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// engine.transaction()
+    ///     .isolation(IsolationLevel::Serializable)
+    ///     .retry(RetryPolicy::new(5))   // the body runs again after 40001 / 40P01
+    ///     .run(async |tx| tx.execute("UPDATE account SET balance = balance + 1 WHERE id = 1").await)
+    ///     .await?;
+    /// # Ok(()) });
     /// ```
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
@@ -216,13 +249,13 @@ impl TransactionBuilder {
     /// on the outer transaction, `Savepoint` one on a new savepoint (whose `commit`
     /// releases it), `Forbid` an error.
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let tx = engine.transaction().read_only(true).begin().await?;
     /// let rows = tx.fetch("SELECT * FROM band").await?;
     /// tx.commit().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn begin(self) -> Result<PostgresTransaction> {
         match ambient::current_scope(self.context.id) {
@@ -260,15 +293,15 @@ impl TransactionBuilder {
     /// future `Send` ("implementation of `Send` is not general enough",
     /// rust-lang/rust#139475).
     ///
-    /// ```no_run
-    /// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// let id: i32 = engine.transaction().run(async |tx| {
-    ///     let row = tx.fetch_one(sql!("INSERT INTO band (name) VALUES ({}) RETURNING id", "Rustaceans")).await?;
+    ///     let row = tx.fetch_one(sql!("INSERT INTO band (name) VALUES ({}) RETURNING id", "Crustaceans")).await?;
     ///     tx.execute(sql!("INSERT INTO concert (band_id) VALUES ({})", row.get::<_, i32>(0))).await?;
     ///     Ok::<_, pgengine::Error>(row.get(0))
     /// }).await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn run<T, E, F>(self, mut body: F) -> std::result::Result<T, E>
     where

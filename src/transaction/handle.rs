@@ -26,13 +26,13 @@ use crate::savepoint::Savepoint;
 /// for the queries still in flight, and from the moment `commit` or `rollback` is first
 /// polled no new query is accepted.
 ///
-/// ```no_run
-/// # async fn demo(engine: pgengine::PostgresEngine) -> pgengine::Result<()> {
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
 /// use pgengine::prelude::*;
 /// let tx = engine.begin().await?;
 /// let (a, b) = tokio::join!(tx.fetch("SELECT 1"), tx.fetch("SELECT 2")); // pipelined
 /// tx.commit().await?;
-/// # Ok(()) }
+/// # Ok(()) });
 /// ```
 pub struct PostgresTransaction {
     shared: Arc<TxShared>,
@@ -109,10 +109,11 @@ impl PostgresTransaction {
     /// its work met an error); on a joined handle, commits the outer transaction (as
     /// the seed does).
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// tx.commit().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn commit(&self) -> Result<()> {
         self.finish(Finish::Commit).await
@@ -121,10 +122,11 @@ impl PostgresTransaction {
     /// Rolls back. On a nested savepoint handle, rolls back to the savepoint and
     /// releases it; on a joined handle, rolls back the outer transaction.
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// tx.rollback().await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn rollback(&self) -> Result<()> {
         self.finish(Finish::Rollback).await
@@ -133,11 +135,12 @@ impl PostgresTransaction {
     /// Whether the transaction is still open (neither committed nor rolled back, nor
     /// being so).
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// tx.commit().await?;
     /// assert!(!tx.is_active());
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub fn is_active(&self) -> bool {
         let scope_open = match &self.role {
@@ -151,12 +154,13 @@ impl PostgresTransaction {
     /// [`ErrorKind::InvalidInput`] error and nothing is sent) or, with `None`, numbered
     /// `savepoint_1`, `savepoint_2`, … per transaction.
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// let first = tx.savepoint(None).await?;
     /// assert_eq!(first.name(), "savepoint_1");
     /// assert!(tx.savepoint(Some("x\"; DROP TABLE band; --")).await.is_err());
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn savepoint(&self, name: Option<&str>) -> Result<Savepoint> {
         let name = match name {
@@ -177,11 +181,12 @@ impl PostgresTransaction {
     /// in flight. An abort left by a nested transaction that was dropped half-way is
     /// only cleared by rolling back to a savepoint made before its work.
     ///
-    /// ```no_run
-    /// # async fn demo(tx: pgengine::PostgresTransaction) -> pgengine::Result<()> {
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// # let tx = engine.begin().await?;
     /// tx.savepoint(Some("before_import")).await?;
     /// tx.rollback_to("before_import").await?;
-    /// # Ok(()) }
+    /// # Ok(()) });
     /// ```
     pub async fn rollback_to(&self, name: &str) -> Result<()> {
         self.check_scope_open()?;

@@ -1,6 +1,7 @@
 //! [`PostgresTransaction`]: a handle on a transaction — the outermost one, one joined
 //! from inside it, or a nested transaction kept as a savepoint.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -244,12 +245,21 @@ impl PostgresTransaction {
     }
 
     /// Finishes unless the body already did (manually committed or rolled back).
-    pub(crate) async fn finish_if_active(&self, finish: Finish) -> Result<()> {
-        if self.is_active() {
-            self.finish(finish).await
-        } else {
-            Ok(())
-        }
+    ///
+    /// The future is made out of line and boxed: the closure form awaits it once per
+    /// level of nesting, so only a pointer stays in each level's stack frame.
+    #[inline(never)]
+    pub(crate) fn finish_if_active(
+        &self,
+        finish: Finish,
+    ) -> Pin<Box<impl Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            if self.is_active() {
+                self.finish(finish).await
+            } else {
+                Ok(())
+            }
+        })
     }
 }
 

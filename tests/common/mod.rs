@@ -1,9 +1,13 @@
 //! Shared helpers for the integration tests: a fresh database and an engine on it.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use pgengine::{EngineBuilder, Executor, PostgresEngine};
+use pgengine::{EngineBuilder, Executor, PostgresEngine, QueryString, sql};
 use pgengine_testing::TestDatabase;
 
 /// A fresh database, and an engine on it with `max_connections` connections.
@@ -84,4 +88,109 @@ pub async fn count(executor: &impl Executor, table: &str) -> i64 {
         .await
         .expect("count")
         .get(0)
+}
+
+/// The server pid of the session `executor` runs on.
+pub async fn backend_pid(executor: &impl Executor) -> i32 {
+    executor
+        .fetch_one("SELECT pg_backend_pid()")
+        .await
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+/// The value of a server setting, as `SHOW` gives it, on the session `executor` runs on.
+pub async fn show(executor: &impl Executor, setting: &str) -> String {
+    executor
+        .fetch_one(format!("SHOW {setting}"))
+        .await
+        .expect("SHOW")
+        .get(0)
+}
+
+/// Whether a table of that name exists (as seen through `executor`).
+pub async fn table_exists(executor: &impl Executor, name: &str) -> bool {
+    executor
+        .fetch_one(sql!("SELECT to_regclass({}) IS NOT NULL", name.to_owned()))
+        .await
+        .expect("to_regclass")
+        .get(0)
+}
+
+/// `band (name text PRIMARY KEY)`.
+pub async fn create_band(engine: &PostgresEngine) {
+    engine
+        .run_ddl("CREATE TABLE band (name text PRIMARY KEY)")
+        .await
+        .expect("CREATE TABLE band");
+}
+
+/// `INSERT INTO band (name) VALUES ($1)`.
+pub fn insert_band(name: &str) -> QueryString {
+    sql!("INSERT INTO band (name) VALUES ({})", name.to_owned())
+}
+
+/// The names stored in `band`, sorted (inside its transaction, for a transaction).
+pub async fn band_names(executor: &impl Executor) -> Vec<String> {
+    executor
+        .fetch("SELECT name FROM band ORDER BY name")
+        .await
+        .expect("band names")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Polls `future` until it has been `Pending` `pendings + 1` times, and drops it then
+/// (`None`); `Some(output)` if it finished first. Each `Pending` is an await point that
+/// waited for the server, so `pendings = 0, 1, 2, …` cancels at each await in turn.
+pub async fn cancel_at_pending<F: Future>(future: F, pendings: usize) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let mut seen = 0;
+    std::future::poll_fn(move |cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending if seen == pendings => Poll::Ready(None),
+        Poll::Pending => {
+            seen += 1;
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A `tracing` event seen by [`capture_events`]: its level, target, and fields as
+/// `name=value ` pairs (quotes removed).
+#[derive(Debug)]
+pub struct Event {
+    pub level: tracing::Level,
+    pub target: String,
+    pub text: String,
+}
+
+/// Collects the `tracing` events of this thread until the guard is dropped.
+pub fn capture_events() -> (Arc<Mutex<Vec<Event>>>, tracing::subscriber::DefaultGuard) {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    struct Capture(Arc<Mutex<Vec<Event>>>);
+    struct Fields(String);
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0
+                .push_str(&format!("{}={:?} ", field.name(), value).replace('"', ""));
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(Event {
+                level: *event.metadata().level(),
+                target: event.metadata().target().to_owned(),
+                text: fields.0,
+            });
+        }
+    }
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
+    (events, tracing::subscriber::set_default(subscriber))
 }

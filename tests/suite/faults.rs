@@ -4,7 +4,7 @@
 //! transaction that returned `Ok` is saved, none that failed definitely is, and a
 //! commit whose outcome cannot be known says so.
 
-mod common;
+use crate::common::{self, backend_pid};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 use pgengine::prelude::*;
 use pgengine::{Error, ErrorKind};
 use pgengine_testing::{EphemeralCluster, TestDatabase};
-
-/// The server pid of the session `executor` runs on.
-async fn backend_pid(executor: &impl Executor) -> i32 {
-    executor
-        .fetch_one("SELECT pg_backend_pid()")
-        .await
-        .expect("pg_backend_pid")
-        .get(0)
-}
 
 /// Waits (at most 30 s) until session `pid` runs a statement (state `active`).
 async fn wait_until_active(observer: &tokio_postgres::Client, pid: i32) {

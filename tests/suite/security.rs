@@ -1,9 +1,9 @@
 //! Security findings (issue 17) against a real server: no secret in any output, hostile
 //! input fails cleanly, one statement means one statement. One test per finding.
 
-mod common;
+use crate::common::{self, Event, capture_events};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use pgengine::prelude::*;
 use pgengine::{ErrorKind, PostgresEngine, QueryString};
@@ -81,38 +81,6 @@ async fn engine_debug_and_connect_errors_never_show_the_password() {
         .await
         .unwrap_err();
     assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
-}
-
-#[derive(Debug)]
-struct Event {
-    target: String,
-    text: String,
-}
-
-/// Collects the `tracing` events of this thread until the guard is dropped.
-fn capture_events() -> (Arc<Mutex<Vec<Event>>>, tracing::subscriber::DefaultGuard) {
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-
-    struct Capture(Arc<Mutex<Vec<Event>>>);
-    struct Fields(String);
-    impl tracing::field::Visit for Fields {
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            self.0.push_str(&format!("{}={:?} ", field.name(), value));
-        }
-    }
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-            let mut fields = Fields(String::new());
-            event.record(&mut fields);
-            self.0.lock().unwrap().push(Event {
-                target: event.metadata().target().to_owned(),
-                text: fields.0,
-            });
-        }
-    }
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
-    (events, tracing::subscriber::set_default(subscriber))
 }
 
 /// The text of every `pgengine::query` event whose query failed.
@@ -287,7 +255,7 @@ async fn run_in_child(name: &str, url: Option<&str>) {
         .arg("-c")
         .arg(r#"ulimit -v 2097152 && exec "$0" --exact "$1" --ignored"#)
         .arg(exe)
-        .arg(name);
+        .arg(format!("security::{name}"));
     if let Some(url) = url {
         child.env(CHILD_URL, url);
     }

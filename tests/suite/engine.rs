@@ -1,8 +1,7 @@
 //! The engine against a real server: queries, errors, pool behaviour, version,
 //! extensions and query logging.
-mod common;
+use crate::common::{self, capture_events};
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgengine::prelude::*;
@@ -479,41 +478,6 @@ async fn bad_url_is_a_config_error() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-}
-
-#[derive(Debug)]
-struct Event {
-    level: tracing::Level,
-    target: String,
-    text: String,
-}
-
-/// Collects the `tracing` events of this thread until the guard is dropped.
-fn capture_events() -> (Arc<Mutex<Vec<Event>>>, tracing::subscriber::DefaultGuard) {
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-
-    struct Capture(Arc<Mutex<Vec<Event>>>);
-    struct Fields(String);
-    impl tracing::field::Visit for Fields {
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            self.0
-                .push_str(&format!("{}={:?} ", field.name(), value).replace('"', ""));
-        }
-    }
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-            let mut fields = Fields(String::new());
-            event.record(&mut fields);
-            self.0.lock().unwrap().push(Event {
-                level: *event.metadata().level(),
-                target: event.metadata().target().to_owned(),
-                text: fields.0,
-            });
-        }
-    }
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
-    (events, tracing::subscriber::set_default(subscriber))
 }
 
 /// A cached prepared statement whose table changed shape is prepared again, not an error.

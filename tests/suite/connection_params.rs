@@ -2,7 +2,7 @@
 //! (`SHOW`, `pg_stat_activity`, `pg_stat_ssl`) or the socket (its TCP options, read
 //! back with `getsockopt`); what the builder sets replaces only that.
 
-mod common;
+use crate::common::{self, show};
 
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -25,14 +25,6 @@ fn local_tcp_port(db: &TestDatabase) -> Option<u16> {
         [tokio_postgres::config::Host::Tcp(host)] if host == "127.0.0.1" || host == "localhost"
     );
     local.then(|| config.get_ports().first().copied().unwrap_or(5432))
-}
-
-async fn show(engine: &PostgresEngine, setting: &str) -> String {
-    engine
-        .fetch_one(format!("SHOW {setting}"))
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// The TCP options of this process's socket whose local port is `port`.

@@ -4,35 +4,12 @@
 //! commits are never reported as success. One test per bug of issue 16, plus the
 //! concurrent cases that already held.
 
-mod common;
+use crate::common::{self, band_names, create_band, insert_band};
 
 use std::time::Duration;
 
 use pgengine::prelude::*;
 use pgengine::{Error, ErrorKind};
-
-/// `band (name text PRIMARY KEY)`.
-async fn create_band(engine: &PostgresEngine) {
-    engine
-        .run_ddl("CREATE TABLE band (name text PRIMARY KEY)")
-        .await
-        .unwrap();
-}
-
-fn insert_band(name: &str) -> QueryString {
-    sql!("INSERT INTO band (name) VALUES ({})", name.to_owned())
-}
-
-/// The names stored in `band`, sorted (outside any transaction).
-async fn band_names(engine: &PostgresEngine) -> Vec<String> {
-    engine
-        .fetch("SELECT name FROM band ORDER BY name")
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
 
 #[tokio::test]
 async fn commit_waits_for_a_failing_query_in_flight_and_is_refused() {

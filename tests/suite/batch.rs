@@ -1,7 +1,7 @@
 //! `AsyncBatch` against a real server: exact batching, parameters, ambient
 //! transactions, connection hygiene on drop / exhaustion / error, and input checks.
 
-mod common;
+use crate::common::{self, backend_pid};
 
 use std::time::Duration;
 
@@ -41,14 +41,6 @@ fn expected(n: i32, size: usize) -> Vec<Vec<i32>> {
 async fn open_cursors(engine: &PostgresEngine) -> i64 {
     engine
         .fetch_one("SELECT count(*) FROM pg_cursors WHERE name <> ''")
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn backend_pid(engine: &PostgresEngine) -> i32 {
-    engine
-        .fetch_one("SELECT pg_backend_pid()")
         .await
         .unwrap()
         .get(0)

@@ -2,13 +2,11 @@
 //! propagation, connection hygiene on every exit path (error, panic, cancellation, failed
 //! BEGIN/COMMIT), options, retry of serialization failures, concurrency and the pool.
 
-mod common;
+use crate::common::{self, band_names, cancel_at_pending, create_band, insert_band, table_exists};
 
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use pgengine::prelude::*;
@@ -18,55 +16,6 @@ use pgengine_testing::TestDatabase;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Whether a table of that name exists (as seen from outside any transaction).
-async fn table_exists(engine: &PostgresEngine, name: &str) -> bool {
-    engine
-        .fetch_one(sql!("SELECT to_regclass({}) IS NOT NULL", name.to_owned()))
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// The names stored in `band`, sorted.
-async fn band_names(executor: &impl Executor) -> Vec<String> {
-    executor
-        .fetch("SELECT name FROM band ORDER BY name")
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
-
-/// `band (name text PRIMARY KEY)`.
-async fn create_band(engine: &PostgresEngine) {
-    engine
-        .run_ddl("CREATE TABLE band (name text PRIMARY KEY)")
-        .await
-        .unwrap();
-}
-
-fn insert_band(name: &str) -> QueryString {
-    sql!("INSERT INTO band (name) VALUES ({})", name.to_owned())
-}
-
-/// Polls `future` until it has been `Pending` `pendings + 1` times, and drops it then
-/// (`None`); `Some(output)` if it finished first. Each `Pending` is an await point that
-/// waited for the server, so `pendings = 0, 1, 2, …` cancels at each await in turn.
-async fn cancel_at_pending<F: Future>(future: F, pendings: usize) -> Option<F::Output> {
-    let mut future = pin!(future);
-    let mut seen = 0;
-    std::future::poll_fn(move |cx| match future.as_mut().poll(cx) {
-        Poll::Ready(output) => Poll::Ready(Some(output)),
-        Poll::Pending if seen == pendings => Poll::Ready(None),
-        Poll::Pending => {
-            seen += 1;
-            Poll::Pending
-        }
-    })
-    .await
-}
 
 // ---------------------------------------------------------------------------------------
 // Seed scenarios (Piccolo)

@@ -2,7 +2,7 @@
 //! `statement_cache_capacity=0`: every feature works, nothing leans on a named prepared
 //! statement, and totals are exact under 50 concurrent tasks.
 
-mod common;
+use crate::common;
 
 use pgengine::prelude::*;
 use pgengine::{Error, PostgresEngine};

@@ -2,7 +2,7 @@
 //! error naming the failing statement, `run_sync` from every kind of caller, and
 //! pipelining (round trips that do not grow with the statement count).
 
-mod common;
+use crate::common::{self, table_exists};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,17 +16,6 @@ use tokio::time::Instant;
 
 /// A statement the server refuses with a syntax error (42601).
 const MALFORMED: &str = "CREATE TABLE (";
-
-async fn table_exists(engine: &PostgresEngine, name: &str) -> bool {
-    let row = engine
-        .fetch_one(sql!(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = {}",
-            name.to_owned()
-        ))
-        .await
-        .expect("pg_tables");
-    row.get::<_, i64>(0) == 1
-}
 
 /// Two `CREATE TABLE`s, then (when `malformed`) a statement that fails.
 fn ddl(engine: &PostgresEngine, malformed: bool) -> Atomic {

@@ -3,12 +3,12 @@
 //! function), the session reset policy, the health check, and the pool counters.
 //! Every wait polls for the expected state with a generous deadline.
 
-mod common;
+use crate::common::{self, backend_pid, show};
 
 use std::time::Duration;
 
 use pgengine::prelude::*;
-use pgengine::{ErrorKind, PostgresEngine, SessionReset};
+use pgengine::{ErrorKind, SessionReset};
 use tokio::time::Instant;
 
 /// Generous: the machine may be busy.
@@ -25,22 +25,6 @@ where
         assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn backend_pid(engine: &PostgresEngine) -> i32 {
-    engine
-        .fetch_one("SELECT pg_backend_pid()")
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn show(engine: &PostgresEngine, setting: &str) -> String {
-    engine
-        .fetch_one(format!("SHOW {setting}"))
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test]

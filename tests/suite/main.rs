@@ -1,0 +1,21 @@
+//! pgengine's integration tests against real PostgreSQL, one module per concept, in one
+//! test binary (one build, one shared ephemeral cluster). Shared helpers live in
+//! `tests/common`. (`tests/from_env.rs` is a binary of its own: it sets environment
+//! variables, which no other test may see.)
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod atomic;
+mod batch;
+mod concurrency;
+mod connection_params;
+mod engine;
+mod faults;
+mod pgbouncer;
+mod pool_lifecycle;
+mod query;
+mod security;
+mod smoke;
+mod tls;
+mod transactions;

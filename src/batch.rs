@@ -208,7 +208,7 @@ impl Source {
             self.read_ahead = batch.pop();
         }
         if ended {
-            self.finish().await?;
+            self.close().await?;
         }
         Ok((!batch.is_empty()).then_some(batch))
     }
@@ -234,7 +234,7 @@ impl Source {
 
     /// Ends the read: the streamed statement is complete (its connection is idle again),
     /// or the cursor is closed in the caller's transaction.
-    async fn finish(&mut self) -> Result<()> {
+    async fn close(&mut self) -> Result<()> {
         self.finished = true;
         match &self.rows {
             Rows::Streamed(_) => Ok(()),

@@ -64,7 +64,7 @@ impl EngineContext {
 
     /// Runs SQL over the simple protocol on `connection`, guarded and logged. Its
     /// failure is recorded on the connection; a caller in a transaction records it there.
-    pub(crate) async fn simple(&self, connection: &Connection, sql: &str) -> Result<()> {
+    pub(crate) async fn run_simple(&self, connection: &Connection, sql: &str) -> Result<()> {
         let request = connection.guarded(async {
             connection
                 .client()
@@ -81,7 +81,7 @@ impl EngineContext {
         connection: &Connection,
         finish: Finish,
     ) -> Result<()> {
-        let answer = self.simple(connection, finish.sql()).await;
+        let answer = self.run_simple(connection, finish.sql()).await;
         self.settle_end(connection, finish, answer).await
     }
 
@@ -112,7 +112,7 @@ impl EngineContext {
             Err(error) => {
                 if finish == Finish::Commit
                     && self
-                        .simple(connection, Finish::Rollback.sql())
+                        .run_simple(connection, Finish::Rollback.sql())
                         .await
                         .is_ok()
                 {

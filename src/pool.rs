@@ -252,7 +252,7 @@ impl Connection {
     }
 
     /// Marks a request as started on this connection: if the returned guard is dropped
-    /// before [`finish`](RequestGuard::finish) (the request's future was dropped), the
+    /// before [`answered`](RequestGuard::answered) (the request's future was dropped), the
     /// request is cancelled before the connection is reused.
     pub(crate) fn request(&self) -> RequestGuard<'_> {
         RequestGuard {
@@ -265,7 +265,7 @@ impl Connection {
     pub(crate) async fn guarded<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
         let guard = self.request();
         let output = request.await;
-        guard.finish(&output);
+        guard.answered(&output);
         output
     }
 
@@ -292,7 +292,7 @@ pub(crate) struct RequestGuard<'a> {
 
 impl RequestGuard<'_> {
     /// The request got its answer.
-    pub(crate) fn finish<T>(mut self, result: &Result<T>) {
+    pub(crate) fn answered<T>(mut self, result: &Result<T>) {
         self.finished = true;
         self.connection.note(result);
     }

@@ -254,7 +254,7 @@ impl Runner {
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
         let _permit = self.admit().await?;
         let turn = self.turn().await;
-        let result = sent_in_turn(turn, self.context.simple(self.connection(), sql)).await;
+        let result = sent_in_turn(turn, self.context.run_simple(self.connection(), sql)).await;
         self.noted(result)
     }
 
@@ -276,7 +276,7 @@ impl Runner {
             let watch = self.context.log.watch(sql, params);
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
-            request.finish(&result);
+            request.answered(&result);
             if let Some(watch) = watch {
                 watch.report(&result, |answer| Some(answer.row_count()));
             }

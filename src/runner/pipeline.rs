@@ -108,7 +108,7 @@ async fn run_in_order(
     let mut pipe = Pipe::with_capacity(statements.len() + 2);
     if own_transaction {
         connection.set_in_transaction(true);
-        pipe.send(Box::pin(simple(runner, "BEGIN"))).await;
+        pipe.send(Box::pin(bracket(runner, "BEGIN"))).await;
     }
     let last = statements.len() - 1;
     let mut failed_prepare = None;
@@ -179,10 +179,10 @@ async fn run_in_order(
         } else {
             Finish::Commit
         };
-        pipe.send(Box::pin(simple(runner, end.sql()))).await;
+        pipe.send(Box::pin(bracket(runner, end.sql()))).await;
     }
 
-    let mut answers = pipe.finish().await;
+    let mut answers = pipe.all_answers().await;
     let mut end = None;
     if own_transaction {
         let finish = if failed {
@@ -262,7 +262,7 @@ impl<'a, T: Send + 'a> Pipe<'a, T> {
     }
 
     /// Every answer, in the order the requests were sent.
-    async fn finish(mut self) -> Vec<T> {
+    async fn all_answers(mut self) -> Vec<T> {
         while let Some((index, answer)) = self.waiting.next().await {
             self.answers[index] = Some(answer);
         }
@@ -287,7 +287,8 @@ fn no_params() -> std::iter::Empty<(&'static (dyn ToSql + Sync), Type)> {
     std::iter::empty()
 }
 
-async fn simple(runner: &Runner, sql: &'static str) -> Result<Outcome> {
+/// `BEGIN`, `COMMIT` or `ROLLBACK` around a bundle, over the simple protocol.
+async fn bracket(runner: &Runner, sql: &'static str) -> Result<Outcome> {
     observed(runner, sql, &[], async move {
         runner.connection().client().batch_execute(sql).await?;
         Ok::<_, tokio_postgres::Error>(Outcome::Count(0))

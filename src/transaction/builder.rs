@@ -497,7 +497,7 @@ impl TransactionBuilder {
         let connection = context.pool.get().await?;
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
-        context.simple(&connection, &self.begin_sql()).await?;
+        context.run_simple(&connection, &self.begin_sql()).await?;
         Ok(PostgresTransaction::outermost(Arc::new(TxShared::new(
             context.clone(),
             connection,

@@ -117,7 +117,7 @@ impl PostgresTransaction {
     /// # Ok(()) });
     /// ```
     pub async fn commit(&self) -> Result<()> {
-        self.finish(Finish::Commit).await
+        self.end(Finish::Commit).await
     }
 
     /// Rolls back. On a nested savepoint handle, rolls back to the savepoint and
@@ -130,7 +130,7 @@ impl PostgresTransaction {
     /// # Ok(()) });
     /// ```
     pub async fn rollback(&self) -> Result<()> {
-        self.finish(Finish::Rollback).await
+        self.end(Finish::Rollback).await
     }
 
     /// Whether the transaction is still open (neither committed nor rolled back, nor
@@ -205,9 +205,9 @@ impl PostgresTransaction {
         }
     }
 
-    async fn finish(&self, finish: Finish) -> Result<()> {
+    async fn end(&self, finish: Finish) -> Result<()> {
         match &self.role {
-            Role::Outermost | Role::Joined => self.shared.finish(finish).await,
+            Role::Outermost | Role::Joined => self.shared.end(finish).await,
             Role::Savepoint {
                 name,
                 finished,
@@ -255,7 +255,7 @@ impl PostgresTransaction {
     ) -> Pin<Box<impl Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             if self.is_active() {
-                self.finish(finish).await
+                self.end(finish).await
             } else {
                 Ok(())
             }

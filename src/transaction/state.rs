@@ -189,7 +189,7 @@ impl TxShared {
                 (_, phase) => return Err(finished_error(phase)),
             }
         };
-        let result = self.context.simple(&connection, sql).await;
+        let result = self.context.run_simple(&connection, sql).await;
         if let Err(error) = &result {
             self.note_failure(error);
         }
@@ -198,7 +198,7 @@ impl TxShared {
 
     /// Commits or rolls back once the requests in flight are answered (none is
     /// admitted from the start), then lets the connection go back to the pool.
-    pub(crate) async fn finish(&self, finish: Finish) -> Result<()> {
+    pub(crate) async fn end(&self, finish: Finish) -> Result<()> {
         {
             let mut state = self.lock();
             if state.phase != Phase::Active {
@@ -221,7 +221,7 @@ impl TxShared {
             let cause = state.aborted.first().map(|(cause, _)| cause.clone());
             (connection, cause.or(abandoned))
         };
-        let result = self.end(&connection, finish, aborted_by).await;
+        let result = self.send_end(&connection, finish, aborted_by).await;
         let mut state = self.lock();
         state.phase = match (finish, &result) {
             (Finish::Commit, Ok(())) => Phase::Committed,
@@ -237,7 +237,7 @@ impl TxShared {
     }
 
     /// Sends the end of the transaction on its connection.
-    async fn end(
+    async fn send_end(
         &self,
         connection: &Connection,
         finish: Finish,

@@ -34,6 +34,8 @@ pub struct EngineBuilder {
     pg: tokio_postgres::Config,
     pub(crate) settings: EngineSettings,
     network: NetworkSettings,
+    /// Named nodes: name and URL, in the order given.
+    pub(crate) nodes: Vec<(String, String)>,
 }
 
 /// Connection settings given on the builder that the driver's `Config` cannot tell
@@ -141,6 +143,7 @@ impl EngineBuilder {
             pg: tokio_postgres::Config::new(),
             settings: EngineSettings::default(),
             network: NetworkSettings::default(),
+            nodes: Vec::new(),
         }
     }
 
@@ -385,6 +388,25 @@ impl EngineBuilder {
     /// ```
     pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
         self.network.keepalive.tcp_user_timeout = Some(timeout);
+        self
+    }
+
+    /// A named node, as Piccolo's `extra_nodes`: another server (a read replica, say)
+    /// reached through [`PostgresEngine::node`] with the same API. Each node has its own
+    /// pool and takes this builder's settings (pool size, timeouts, TLS, logging, …),
+    /// with `url` giving its connection; its extensions are not created (a replica
+    /// gets them from its primary). Closing the engine's pool closes its nodes'.
+    /// Repeatable; a name given twice keeps the last URL.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .url("postgres://app@primary.internal/app")
+    ///     .extra_node("read_1", "postgres://app@replica-1.internal/app");
+    /// # let _ = builder;
+    /// ```
+    pub fn extra_node(mut self, name: &str, url: &str) -> Self {
+        self.nodes.retain(|(known, _)| known != name);
+        self.nodes.push((name.to_owned(), url.to_owned()));
         self
     }
 
@@ -977,6 +999,9 @@ impl fmt::Debug for EngineBuilder {
                 .field("url", &"<not valid, not shown>")
                 .field("config", &self.pg),
         };
-        d.field("settings", &self.settings).finish()
+        let nodes: Vec<&str> = self.nodes.iter().map(|(name, _)| name.as_str()).collect();
+        d.field("settings", &self.settings)
+            .field("nodes", &nodes)
+            .finish()
     }
 }

@@ -5,6 +5,8 @@
 //! through it; the [`PostgresEngine`](crate::PostgresEngine) facade on top only wraps
 //! it in an `Arc`.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::EngineSettings;
@@ -22,6 +24,8 @@ pub(crate) struct EngineContext {
     pub(crate) sync_pool: ConnectionPool,
     pub(crate) settings: EngineSettings,
     pub(crate) log: QueryLog,
+    /// The engine's named nodes (none for a node itself).
+    pub(crate) nodes: BTreeMap<String, Arc<EngineContext>>,
 }
 
 static ENGINE_IDS: AtomicU64 = AtomicU64::new(1);
@@ -59,6 +63,7 @@ impl EngineContext {
             sync_pool,
             log: QueryLog::new(&settings),
             settings,
+            nodes: BTreeMap::new(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! [`PostgresEngine`]: the entry point. Owns the pool and routes every query to the
 //! ambient transaction's connection when there is one, else to a pooled connection.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,9 +86,15 @@ impl PostgresEngine {
     }
 
     /// Creates the pool, checks the server version and prepares the database.
-    async fn open(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
+    async fn open(
+        pg: tokio_postgres::Config,
+        settings: EngineSettings,
+        nodes: BTreeMap<String, Arc<EngineContext>>,
+    ) -> Result<Self> {
+        let mut context = EngineContext::new(pg, settings)?;
+        context.nodes = nodes;
         let engine = Self {
-            context: Arc::new(EngineContext::new(pg, settings)?),
+            context: Arc::new(context),
         };
         let version = engine.get_version().await?;
         if version < ServerVersion::MINIMUM_SUPPORTED {
@@ -100,6 +107,24 @@ impl PostgresEngine {
         }
         engine.prep_database().await?;
         Ok(engine)
+    }
+
+    /// The named node `name` (see [`EngineBuilder::extra_node`]): an engine handle whose
+    /// queries, transactions, atomics and batches run on that node's pool; `None` for a
+    /// name not configured. A transaction of the engine and one of its node are two
+    /// transactions, on two servers: a query through the node never joins the engine's
+    /// ambient transaction.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// assert!(engine.node("read_1").is_none());
+    /// # Ok(()) });
+    /// ```
+    pub fn node(&self, name: &str) -> Option<PostgresEngine> {
+        let context = self.context.nodes.get(name)?;
+        Some(PostgresEngine {
+            context: context.clone(),
+        })
     }
 
     /// Opens every connection of the pool up front, so that no query pays for a
@@ -146,8 +171,11 @@ impl PostgresEngine {
     /// # Ok(()) });
     /// ```
     pub async fn close_connection_pool(&self) {
-        let pools = [&self.context.pool, &self.context.sync_pool];
-        for pool in pools {
+        let contexts = std::iter::once(&self.context).chain(self.context.nodes.values());
+        let pools: Vec<_> = contexts
+            .flat_map(|context| [&context.pool, &context.sync_pool])
+            .collect();
+        for pool in &pools {
             pool.close();
         }
         let bound = self
@@ -371,8 +399,18 @@ impl EngineBuilder {
     /// let engine = pgengine::EngineBuilder::new().url("postgres://postgres@localhost/app").build().await?;
     /// # Ok(()) }
     /// ```
-    pub async fn build(self) -> Result<PostgresEngine> {
+    pub async fn build(mut self) -> Result<PostgresEngine> {
+        let mut nodes = BTreeMap::new();
+        for (name, url) in std::mem::take(&mut self.nodes) {
+            let mut node = self.clone().url(url);
+            node.settings.extensions.clear();
+            let (pg, settings) = node.into_parts()?;
+            let engine = PostgresEngine::open(pg, settings, BTreeMap::new())
+                .await
+                .map_err(|error| error.context(format!("node {name}")))?;
+            nodes.insert(name, engine.context);
+        }
         let (pg, settings) = self.into_parts()?;
-        PostgresEngine::open(pg, settings).await
+        PostgresEngine::open(pg, settings, nodes).await
     }
 }

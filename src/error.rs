@@ -236,6 +236,12 @@ impl Error {
         self
     }
 
+    /// Prefixes the message with where the error happened (e.g. `node read_1`).
+    pub(crate) fn context(mut self, place: impl std::fmt::Display) -> Self {
+        self.0.message = format!("{place}: {}", self.0.message);
+        self
+    }
+
     pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
         self.0.attempts = Some(attempts);
         self

@@ -15,6 +15,7 @@ mod faults;
 mod pgbouncer;
 mod pool_lifecycle;
 mod query;
+mod replication;
 mod security;
 mod smoke;
 mod tls;

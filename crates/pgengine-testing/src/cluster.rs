@@ -451,6 +451,164 @@ impl EphemeralCluster {
         ))
     }
 
+    /// Starts a hot standby of this cluster: a base backup (`pg_basebackup -R`, so it
+    /// streams from this primary) in a temp dir of its own, a server on another free
+    /// port; returns once this primary's `pg_stat_replication` shows it streaming. The
+    /// standby keeps the primary's settings; it is stopped and removed like any cluster.
+    ///
+    /// ```no_run
+    /// let primary = pgengine_testing::EphemeralCluster::start()?;
+    /// let standby = primary.standby()?;
+    /// standby.promote()?; // now a primary of its own
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn standby(&self) -> Result<EphemeralCluster, Error> {
+        let root = create_temp_dir(self.run_as)?;
+        let mut standby = EphemeralCluster {
+            data_dir: root.join("data"),
+            log_file: root.join("postgres.log"),
+            root,
+            bin_dir: self.bin_dir.clone(),
+            run_as: self.run_as,
+            port: 0,
+            state: Mutex::new(State {
+                stopped: false,
+                reaper: None,
+            }),
+        };
+        let out = standby
+            .command("pg_basebackup")
+            .arg("-D")
+            .arg(&standby.data_dir)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .output()
+            .map_err(|e| Error::io("could not run pg_basebackup", e))?;
+        if !out.status.success() {
+            return Err(Error::new(
+                ErrorKind::Startup,
+                format!(
+                    "pg_basebackup from port {} failed ({}): {}",
+                    self.port,
+                    out.status,
+                    output_text(&out)
+                ),
+            ));
+        }
+        // The copied configuration names the primary's socket directory: use our own.
+        let conf = format!(
+            "\n# --- pgengine-testing standby ---\nunix_socket_directories = '{}'\nhot_standby = on\n",
+            quote_conf(&standby.root.to_string_lossy())
+        );
+        let path = standby.data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("could not read {}", path.display()), e))?;
+        text.push_str(&conf);
+        standby.write_data_file("postgresql.conf", &text, 0o600)?;
+        standby.start_reaper()?;
+        standby.start_server()?;
+        self.wait_until_streaming()?;
+        Ok(standby)
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`), returning once it accepts
+    /// writes. The new primary has no standby of its own, so a
+    /// `synchronous_standby_names` copied from the old one is cleared (commits would
+    /// otherwise wait for a standby forever), as an operator would.
+    ///
+    /// ```no_run
+    /// # let primary = pgengine_testing::EphemeralCluster::start()?;
+    /// let standby = primary.standby()?;
+    /// primary.pause()?;   // the primary fails
+    /// standby.promote()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn promote(&self) -> Result<(), Error> {
+        let out = self
+            .command("pg_ctl")
+            .arg("promote")
+            .args(["-w", "-t", "60", "-s"])
+            .arg("-D")
+            .arg(&self.data_dir)
+            .output()
+            .map_err(|e| Error::io("could not run pg_ctl promote", e))?;
+        if out.status.success() {
+            self.psql("ALTER SYSTEM SET synchronous_standby_names = ''")?;
+            self.psql("SELECT pg_reload_conf()")?;
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Startup,
+            format!(
+                "pg_ctl promote (port {}) failed ({}): {}",
+                self.port,
+                out.status,
+                output_text(&out)
+            ),
+        ))
+    }
+
+    /// The result of one SQL statement run with `psql` on this cluster, as text.
+    fn psql(&self, sql: &str) -> Result<String, Error> {
+        let out = self
+            .command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atqc",
+                sql,
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .output()
+            .map_err(|e| Error::io("could not run psql", e))?;
+        if !out.status.success() {
+            return Err(Error::new(
+                ErrorKind::Database,
+                format!(
+                    "psql on port {} failed ({}): {}",
+                    self.port,
+                    out.status,
+                    output_text(&out)
+                ),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Waits (at most 60 s) until a standby streams from this primary.
+    fn wait_until_streaming(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let streaming =
+                self.psql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")?;
+            if streaming != "0" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Startup,
+                    format!("no standby streams from port {} after 60 s", self.port),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the server and removes the temp dir now, reporting failures (dropping the
     /// cluster does the same but can only log them to stderr).
     ///

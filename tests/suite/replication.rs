@@ -1,0 +1,307 @@
+//! Beyond one server, on real streaming replication (a primary and a hot standby that
+//! the harness starts): named nodes, multi-host connection strings with
+//! `target_session_attrs`, and failover by promotion with the same engine.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgengine::prelude::*;
+use pgengine::{ErrorKind, PostgresEngine};
+use pgengine_testing::EphemeralCluster;
+
+/// A primary and a hot standby streaming from it (started off the runtime's threads).
+async fn primary_and_standby(synchronous: bool) -> (EphemeralCluster, EphemeralCluster) {
+    tokio::task::spawn_blocking(move || {
+        let mut primary = EphemeralCluster::builder();
+        if synchronous {
+            primary = primary
+                .setting("synchronous_commit", "on")
+                .setting("synchronous_standby_names", "*");
+        }
+        let primary = primary.start().expect("primary");
+        let standby = primary.standby().expect("standby");
+        (primary, standby)
+    })
+    .await
+    .unwrap()
+}
+
+async fn engine_on(url: &str) -> PostgresEngine {
+    PostgresEngine::builder()
+        .url(url)
+        .max_connections(8)
+        .build()
+        .await
+        .expect("engine")
+}
+
+async fn in_recovery(executor: &impl Executor) -> bool {
+    executor
+        .fetch_one("SELECT pg_is_in_recovery()")
+        .await
+        .expect("pg_is_in_recovery")
+        .get(0)
+}
+
+/// Waits (at most 10 s) until `executor` sees `n` rows in `band` (which it may not see
+/// at all yet).
+async fn wait_for_rows(executor: &impl Executor, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = async || match executor.fetch_one("SELECT count(*) FROM band").await {
+        Ok(row) => row.get::<_, i64>(0),
+        Err(_) => -1,
+    };
+    while rows().await != n {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never replayed {n} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A named node runs queries, batches, atomics and read-only transactions on the
+/// standby, which sees the primary's rows and refuses writes (25006); an unknown name is
+/// `None`; closing the engine's pool closes the node's.
+#[tokio::test]
+async fn a_named_node_runs_everything_on_its_server() {
+    let (primary, standby) = primary_and_standby(false).await;
+    let engine = PostgresEngine::builder()
+        .url(primary.url())
+        .max_connections(4)
+        .extra_node("replica", &standby.url())
+        .build()
+        .await
+        .unwrap();
+    assert!(engine.node("nope").is_none());
+    let replica = engine.node("replica").expect("the configured node");
+    assert!(!in_recovery(&engine).await);
+    assert!(in_recovery(&replica).await);
+
+    engine
+        .run_ddl("CREATE TABLE band (name text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut atomic = engine.atomic();
+    atomic.add_all((0..30).map(|i| sql!("INSERT INTO band VALUES ({})", format!("band {i}"))));
+    atomic.run().await.unwrap();
+    wait_for_rows(&replica, 30).await;
+
+    let mut batch = replica.batch("SELECT name FROM band", 7).await.unwrap();
+    let mut seen = 0;
+    while let Some(rows) = batch.next().await.unwrap() {
+        seen += rows.len();
+    }
+    assert_eq!(seen, 30);
+    let read = replica
+        .transaction()
+        .read_only(true)
+        .run(async |tx| {
+            let recovering = in_recovery(tx).await;
+            Ok::<_, pgengine::Error>((recovering, crate::common::count(tx, "band").await))
+        })
+        .await
+        .unwrap();
+    assert_eq!(read, (true, 30));
+
+    let refused = replica
+        .execute("INSERT INTO band VALUES ('written to a standby')")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("25006"), "{refused}");
+    let mut atomic = replica.atomic();
+    atomic.add("INSERT INTO band VALUES ('x')");
+    assert_eq!(atomic.run().await.unwrap_err().code(), Some("25006"));
+
+    // Inside an ambient transaction of the engine, the node's queries stay on the node.
+    engine
+        .transaction()
+        .run(async |tx| {
+            tx.execute("INSERT INTO band VALUES ('uncommitted')")
+                .await?;
+            assert!(in_recovery(&replica).await);
+            assert_eq!(crate::common::count(&replica, "band").await, 30);
+            Ok::<_, pgengine::Error>(())
+        })
+        .await
+        .unwrap();
+
+    engine.close_connection_pool().await;
+    let closed = replica.fetch("SELECT 1").await.unwrap_err();
+    assert_eq!(closed.kind(), ErrorKind::Closed, "{closed}");
+}
+
+/// With both servers in one URL, `target_session_attrs` picks the server as libpq does:
+/// `read-write` finds the primary listed second (200 concurrent inserts all land
+/// there), `read-only` the standby; a value libpq has but the driver cannot honour is a
+/// `Config` error naming it, never a connection to the wrong kind of server.
+#[tokio::test]
+async fn target_session_attrs_picks_the_server() {
+    let (primary, standby) = primary_and_standby(false).await;
+    let url = |attrs: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs={attrs}",
+            standby.port(),
+            primary.port()
+        )
+    };
+    let writer = engine_on(&url("read-write")).await;
+    assert!(!in_recovery(&writer).await);
+    writer
+        .run_ddl("CREATE TABLE band (name text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let inserts = (0..200).map(|i| {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .execute(sql!("INSERT INTO band VALUES ({})", format!("band {i}")))
+                .await
+        })
+    });
+    for insert in futures::future::join_all(inserts).await {
+        assert_eq!(insert.unwrap().unwrap(), 1);
+    }
+    let on_primary = engine_on(&primary.url()).await;
+    assert_eq!(crate::common::count(&on_primary, "band").await, 200);
+
+    let reader = engine_on(&url("read-only")).await;
+    assert!(in_recovery(&reader).await);
+    wait_for_rows(&reader, 200).await;
+
+    for unsupported in ["primary", "standby", "prefer-standby"] {
+        let err = PostgresEngine::builder()
+            .url(url(unsupported))
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{unsupported}: {err}");
+        assert!(err.to_string().contains("target_session_attrs"), "{err}");
+    }
+}
+
+/// What the writers saw during a failover.
+#[derive(Default)]
+struct Tally {
+    acknowledged: HashSet<i32>,
+    /// Failed with the connection lost mid-statement: an autocommit write may have been
+    /// applied all the same (the server had committed when the connection died).
+    failed: HashSet<i32>,
+    outcome_unknown: usize,
+    first_success_after_promotion: Option<Instant>,
+}
+
+/// Failover with synchronous replication: 8 writers insert unique ids through one
+/// engine on `primary,standby?target_session_attrs=read-write`; the primary is stopped
+/// immediately and the standby promoted; the same engine writes again within 10 s of the
+/// promotion, and every acknowledged id is on the new primary (none lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_engine_writes_again_after_a_failover() {
+    let (primary, standby) = primary_and_standby(true).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+        primary.port(),
+        standby.port()
+    );
+    let engine = PostgresEngine::builder()
+        .url(&url)
+        .max_connections(8)
+        .pool_wait_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    engine
+        .run_ddl("CREATE TABLE written (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let promoted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let writers = (0..8).map(|writer| {
+        let (engine, tally, promoted_at) = (engine.clone(), tally.clone(), promoted_at.clone());
+        tokio::spawn(async move {
+            for n in 0.. {
+                let id = writer * 1_000_000 + n;
+                let result = engine
+                    .execute(sql!("INSERT INTO written VALUES ({})", id))
+                    .await;
+                let promoted = promoted_at.lock().unwrap().is_some();
+                let done = {
+                    let mut tally = tally.lock().unwrap();
+                    match result {
+                        Ok(_) => {
+                            tally.acknowledged.insert(id);
+                            if promoted {
+                                tally
+                                    .first_success_after_promotion
+                                    .get_or_insert_with(Instant::now);
+                            }
+                            // A few writes on the new primary, then stop.
+                            promoted && n % 20 == 0
+                        }
+                        Err(error) if error.is_outcome_unknown() => {
+                            tally.outcome_unknown += 1;
+                            false
+                        }
+                        Err(_) => {
+                            tally.failed.insert(id);
+                            false
+                        }
+                    }
+                };
+                if done {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    });
+    let writers: Vec<_> = writers.collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = Instant::now();
+    tokio::task::block_in_place(|| primary.pause()).unwrap();
+    tokio::task::block_in_place(|| standby.promote()).unwrap();
+    *promoted_at.lock().unwrap() = Some(Instant::now());
+    let all_done = futures::future::join_all(writers);
+    for writer in tokio::time::timeout(Duration::from_secs(60), all_done)
+        .await
+        .expect("the writers finish within 60 s")
+    {
+        writer.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    let promoted = promoted_at.lock().unwrap().unwrap();
+    let first = tally
+        .first_success_after_promotion
+        .expect("a write succeeded after the promotion");
+    let recovery = first.saturating_duration_since(promoted);
+    assert!(recovery < Duration::from_secs(10), "took {recovery:?}");
+    let new_primary = engine_on(&standby.url()).await;
+    let present: HashSet<i32> = new_primary
+        .fetch("SELECT id FROM written")
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let lost = tally.acknowledged.difference(&present).count();
+    let failed_but_applied = tally.failed.intersection(&present).count();
+    eprintln!(
+        "failover: {} acknowledged, {} failed ({} of them applied all the same), {} outcome \
+         unknown, {} lost; promotion {:?} after the stop, first write {:?} after the promotion",
+        tally.acknowledged.len(),
+        tally.failed.len(),
+        failed_but_applied,
+        tally.outcome_unknown,
+        lost,
+        promoted - stopped,
+        recovery
+    );
+    assert_eq!(lost, 0, "acknowledged writes missing on the new primary");
+}

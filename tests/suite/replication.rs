@@ -275,7 +275,7 @@ async fn the_same_engine_writes_again_after_a_failover() {
         writer.unwrap();
     }
 
-    let tally = tally.lock().unwrap();
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     let promoted = promoted_at.lock().unwrap().unwrap();
     let first = tally
         .first_success_after_promotion

@@ -9,6 +9,10 @@
 //!   `initdb` on `PATH`, or `/usr/lib/postgresql/*/bin`; see [`find_bin_dir`]).
 //! - [`EphemeralCluster`] can also be started and owned directly (e.g. by a benchmark),
 //!   with extra server settings, TLS ([`TestCertificates`]) and its own `pg_hba.conf`.
+//! - [`EphemeralCluster::standby`] starts a hot standby streaming from a cluster
+//!   (`pg_basebackup -R`), and [`EphemeralCluster::promote`] makes it a primary: real
+//!   replication and failover for tests.
+//! - [`doctest`] runs a documentation example against a fresh database.
 //!
 //! Nothing is left behind: temp dirs (`$TMPDIR/pgengine-test-*`) and servers are removed
 //! on drop, at process exit (an `atexit` hook for the shared cluster), and by a reaper

@@ -36,6 +36,8 @@ pub struct EngineBuilder {
     network: NetworkSettings,
     /// Named nodes: name and URL, in the order given.
     pub(crate) nodes: Vec<(String, String)>,
+    /// Read replicas' URLs.
+    pub(crate) replicas: Vec<String>,
 }
 
 /// Connection settings given on the builder that the driver's `Config` cannot tell
@@ -103,6 +105,26 @@ pub(crate) struct EngineSettings {
     pub lifecycle: crate::lifecycle::Lifecycle,
     /// How connections use TLS.
     pub tls: Tls,
+    /// How read-only work picks a read replica.
+    pub replica_policy: ReplicaPolicy,
+    /// Replicas lagging further behind are skipped.
+    pub max_replica_lag: Option<Duration>,
+}
+
+/// How read-only work picks among the read replicas
+/// ([`EngineBuilder::read_replica`]).
+///
+/// ```
+/// let builder = pgengine::EngineBuilder::new().replica_policy(pgengine::ReplicaPolicy::LeastBusy);
+/// # let _ = builder;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplicaPolicy {
+    /// Each in turn (the default).
+    #[default]
+    RoundRobin,
+    /// The one with the fewest connections in use.
+    LeastBusy,
 }
 
 impl Default for EngineSettings {
@@ -119,6 +141,8 @@ impl Default for EngineSettings {
             statement_cache_capacity: None,
             lifecycle: crate::lifecycle::Lifecycle::default(),
             tls: Tls::plain(),
+            replica_policy: ReplicaPolicy::RoundRobin,
+            max_replica_lag: None,
         }
     }
 }
@@ -144,6 +168,7 @@ impl EngineBuilder {
             settings: EngineSettings::default(),
             network: NetworkSettings::default(),
             nodes: Vec::new(),
+            replicas: Vec::new(),
         }
     }
 
@@ -407,6 +432,49 @@ impl EngineBuilder {
     pub fn extra_node(mut self, name: &str, url: &str) -> Self {
         self.nodes.retain(|(known, _)| known != name);
         self.nodes.push((name.to_owned(), url.to_owned()));
+        self
+    }
+
+    /// A read replica: read-only transactions (`transaction().read_only(true)`, outside
+    /// any other transaction) and [`PostgresEngine::replica`] run on one of them, picked
+    /// by the [`replica_policy`](Self::replica_policy); when none is fit (down, or
+    /// lagging beyond [`max_replica_lag`](Self::max_replica_lag)) they run on the
+    /// primary, without an error. Everything else stays on the primary. Each replica
+    /// has its own pool and takes this builder's settings, as a named node does.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new()
+    ///     .url("postgres://app@primary.internal/app")
+    ///     .read_replica("postgres://app@replica-1.internal/app")
+    ///     .read_replica("postgres://app@replica-2.internal/app");
+    /// # let _ = builder;
+    /// ```
+    pub fn read_replica(mut self, url: &str) -> Self {
+        self.replicas.push(url.to_owned());
+        self
+    }
+
+    /// How read-only work picks a read replica (default: round-robin).
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().replica_policy(pgengine::ReplicaPolicy::LeastBusy);
+    /// # let _ = builder;
+    /// ```
+    pub fn replica_policy(mut self, policy: ReplicaPolicy) -> Self {
+        self.settings.replica_policy = policy;
+        self
+    }
+
+    /// Skips a read replica whose replay lags further behind than `lag` (the age of
+    /// the last transaction it replayed, when it has not replayed all it received;
+    /// measured at most once a second). Default: no bound.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().max_replica_lag(std::time::Duration::from_secs(2));
+    /// # let _ = builder;
+    /// ```
+    pub fn max_replica_lag(mut self, lag: Duration) -> Self {
+        self.settings.max_replica_lag = Some(lag);
         self
     }
 
@@ -1002,6 +1070,7 @@ impl fmt::Debug for EngineBuilder {
         let nodes: Vec<&str> = self.nodes.iter().map(|(name, _)| name.as_str()).collect();
         d.field("settings", &self.settings)
             .field("nodes", &nodes)
+            .field("read_replicas", &self.replicas.len())
             .finish()
     }
 }

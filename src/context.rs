@@ -13,6 +13,7 @@ use crate::config::EngineSettings;
 use crate::error::{Error, Result};
 use crate::pool::{Connection, ConnectionPool};
 use crate::query_log::QueryLog;
+use crate::routing::ReadRouting;
 
 /// What every clone of an engine shares.
 pub(crate) struct EngineContext {
@@ -26,6 +27,9 @@ pub(crate) struct EngineContext {
     pub(crate) log: QueryLog,
     /// The engine's named nodes (none for a node itself).
     pub(crate) nodes: BTreeMap<String, Arc<EngineContext>>,
+    /// The engine's read replicas (none for a node or a replica itself).
+    pub(crate) replicas: Vec<Arc<EngineContext>>,
+    pub(crate) routing: ReadRouting,
 }
 
 static ENGINE_IDS: AtomicU64 = AtomicU64::new(1);
@@ -62,9 +66,33 @@ impl EngineContext {
             pool,
             sync_pool,
             log: QueryLog::new(&settings),
+            routing: ReadRouting::new(settings.replica_policy, settings.max_replica_lag, 0),
             settings,
             nodes: BTreeMap::new(),
+            replicas: Vec::new(),
         })
+    }
+
+    /// Takes on the read replicas of this engine.
+    pub(crate) fn with_replicas(mut self, replicas: Vec<Arc<EngineContext>>) -> Self {
+        self.routing = ReadRouting::new(
+            self.settings.replica_policy,
+            self.settings.max_replica_lag,
+            replicas.len(),
+        );
+        self.replicas = replicas;
+        self
+    }
+
+    /// Where read-only work runs: a fit read replica and a connection to it, or `None`
+    /// (no replica, or none fit: the caller uses this engine's own pool).
+    pub(crate) async fn replica_for_reads(&self) -> Option<(Arc<EngineContext>, Connection)> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        let pools: Vec<&ConnectionPool> = self.replicas.iter().map(|r| &r.pool).collect();
+        let (index, connection) = self.routing.pick(&pools).await?;
+        Some((self.replicas[index].clone(), connection))
     }
 
     /// Runs SQL over the simple protocol on `connection`, guarded and logged. Its

@@ -90,8 +90,9 @@ impl PostgresEngine {
         pg: tokio_postgres::Config,
         settings: EngineSettings,
         nodes: BTreeMap<String, Arc<EngineContext>>,
+        replicas: Vec<Arc<EngineContext>>,
     ) -> Result<Self> {
-        let mut context = EngineContext::new(pg, settings)?;
+        let mut context = EngineContext::new(pg, settings)?.with_replicas(replicas);
         context.nodes = nodes;
         let engine = Self {
             context: Arc::new(context),
@@ -125,6 +126,26 @@ impl PostgresEngine {
         Some(PostgresEngine {
             context: context.clone(),
         })
+    }
+
+    /// A handle for read-only work on a read replica (see
+    /// [`EngineBuilder::read_replica`]), picked by the engine's policy; the engine
+    /// itself when it has no replica or none is fit (down, or lagging beyond the bound).
+    /// Writes through it fail on a replica (SQLSTATE 25006).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let reader = engine.replica().await;   // here: no replica, so the engine itself
+    /// let bands: i64 = reader.fetch_one("SELECT count(*) FROM band").await?.get(0);
+    /// # Ok(()) });
+    /// ```
+    pub async fn replica(&self) -> PostgresEngine {
+        let context = match self.context.replica_for_reads().await {
+            Some((replica, _connection)) => replica,
+            None => self.context.clone(),
+        };
+        PostgresEngine { context }
     }
 
     /// Opens every connection of the pool up front, so that no query pays for a
@@ -171,7 +192,9 @@ impl PostgresEngine {
     /// # Ok(()) });
     /// ```
     pub async fn close_connection_pool(&self) {
-        let contexts = std::iter::once(&self.context).chain(self.context.nodes.values());
+        let contexts = std::iter::once(&self.context)
+            .chain(self.context.nodes.values())
+            .chain(&self.context.replicas);
         let pools: Vec<_> = contexts
             .flat_map(|context| [&context.pool, &context.sync_pool])
             .collect();
@@ -400,17 +423,35 @@ impl EngineBuilder {
     /// # Ok(()) }
     /// ```
     pub async fn build(mut self) -> Result<PostgresEngine> {
+        let nodes_and_replicas = (
+            std::mem::take(&mut self.nodes),
+            std::mem::take(&mut self.replicas),
+        );
         let mut nodes = BTreeMap::new();
-        for (name, url) in std::mem::take(&mut self.nodes) {
-            let mut node = self.clone().url(url);
-            node.settings.extensions.clear();
-            let (pg, settings) = node.into_parts()?;
-            let engine = PostgresEngine::open(pg, settings, BTreeMap::new())
-                .await
-                .map_err(|error| error.context(format!("node {name}")))?;
-            nodes.insert(name, engine.context);
+        for (name, url) in nodes_and_replicas.0 {
+            let node = self.open_other(&url, &format!("node {name}")).await?;
+            nodes.insert(name, node);
+        }
+        let mut replicas = Vec::new();
+        for (index, url) in nodes_and_replicas.1.iter().enumerate() {
+            replicas.push(
+                self.open_other(url, &format!("read replica {}", index + 1))
+                    .await?,
+            );
         }
         let (pg, settings) = self.into_parts()?;
-        PostgresEngine::open(pg, settings, nodes).await
+        PostgresEngine::open(pg, settings, nodes, replicas).await
+    }
+
+    /// Opens another server of the engine (a node, a read replica) with this builder's
+    /// settings and `url`; its extensions come from its primary, not from us.
+    async fn open_other(&self, url: &str, what: &str) -> Result<Arc<EngineContext>> {
+        let mut other = self.clone().url(url);
+        other.settings.extensions.clear();
+        let (pg, settings) = other.into_parts()?;
+        let engine = PostgresEngine::open(pg, settings, BTreeMap::new(), Vec::new())
+            .await
+            .map_err(|error| error.context(what))?;
+        Ok(engine.context)
     }
 }

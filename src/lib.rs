@@ -49,6 +49,7 @@ mod version;
 // 2. Connections: the pooled connection and its hygiene, cancel.
 mod cancel;
 mod pool;
+mod routing;
 // 3. The engine's shared context; a transaction's state; the runner that sends
 //    statements (alone, pipelined, as portals) and records how they ended.
 mod context;
@@ -65,7 +66,7 @@ mod engine;
 
 pub use atomic::Atomic;
 pub use batch::AsyncBatch;
-pub use config::EngineBuilder;
+pub use config::{EngineBuilder, ReplicaPolicy};
 pub use engine::{PoolStatus, PostgresEngine};
 pub use error::{DatabaseError, Error, ErrorKind, FailedStatement, Result};
 pub use executor::Executor;

@@ -493,8 +493,16 @@ impl TransactionBuilder {
     }
 
     async fn begin_outermost(&self) -> Result<PostgresTransaction> {
-        let context = &self.context;
-        let connection = context.pool.get().await?;
+        // Read-only work goes to a read replica when one is fit.
+        let routed = match self.read_only {
+            Some(true) => self.context.replica_for_reads().await,
+            _ => None,
+        };
+        let (context, connection) = match routed {
+            Some((replica, connection)) => (replica, connection),
+            None => (self.context.clone(), self.context.pool.get().await?),
+        };
+        let context = &context;
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
         context.run_simple(&connection, &self.begin_sql()).await?;

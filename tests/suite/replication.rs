@@ -305,3 +305,88 @@ async fn the_same_engine_writes_again_after_a_failover() {
     );
     assert_eq!(lost, 0, "acknowledged writes missing on the new primary");
 }
+
+/// Read routing: read-only transactions and `replica()` run on the replica, everything
+/// else on the primary, and a read inside a read-write transaction stays in it; with
+/// replay paused beyond the lag bound, reads go to the primary until the replica has
+/// caught up; with the replica stopped they fall back to the primary without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_work_goes_to_a_fit_replica_else_the_primary() {
+    let (primary, standby) = primary_and_standby(false).await;
+    let engine = PostgresEngine::builder()
+        .url(primary.url())
+        .max_connections(4)
+        .read_replica(&standby.url())
+        .max_replica_lag(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let read_only_on_replica = async || {
+        engine
+            .transaction()
+            .read_only(true)
+            .run(async |tx| Ok::<_, pgengine::Error>(in_recovery(tx).await))
+            .await
+            .unwrap()
+    };
+    assert!(read_only_on_replica().await);
+    assert!(in_recovery(&engine.replica().await).await);
+    assert!(!in_recovery(&engine).await);
+    let read_write = engine
+        .transaction()
+        .run(async |tx| Ok::<_, pgengine::Error>(in_recovery(tx).await))
+        .await
+        .unwrap();
+    assert!(!read_write);
+    let joined = engine
+        .transaction()
+        .run(async |_outer| {
+            engine
+                .transaction()
+                .read_only(true)
+                .run(async |tx| Ok::<_, pgengine::Error>(in_recovery(tx).await))
+                .await
+        })
+        .await
+        .unwrap();
+    assert!(
+        !joined,
+        "a read inside a read-write transaction stays in it"
+    );
+
+    // Replay paused while the primary writes: the replica lags, reads go to the primary.
+    let on_standby = engine_on(&standby.url()).await;
+    on_standby
+        .fetch("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    engine
+        .run_ddl("CREATE TABLE band (name text)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    engine
+        .execute("INSERT INTO band VALUES ('late')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !read_only_on_replica().await,
+        "a lagging replica is skipped"
+    );
+    on_standby
+        .fetch("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    wait_for_rows(&on_standby, 1).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        read_only_on_replica().await,
+        "a replica that caught up is used again"
+    );
+
+    // The replica stopped: reads fall back to the primary, without an error.
+    tokio::task::block_in_place(|| standby.pause()).unwrap();
+    assert!(!read_only_on_replica().await);
+    assert!(!in_recovery(&engine.replica().await).await);
+}

@@ -18,5 +18,6 @@ mod query;
 mod replication;
 mod security;
 mod smoke;
+mod test_support;
 mod tls;
 mod transactions;

@@ -135,6 +135,38 @@ impl TestDatabase {
     /// assert_eq!(row.get::<_, String>(0), db.name());
     /// # Ok(()) }
     /// ```
+    /// A pgengine engine builder for the database, with the engine's defaults; add
+    /// settings, then `build()`.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let db = pgengine_testing::TestDatabase::new().await?;
+    /// let engine = db.engine_builder().max_connections(2).build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn engine_builder(&self) -> pgengine::EngineBuilder {
+        pgengine::PostgresEngine::builder().url(&self.url)
+    }
+
+    /// A pgengine engine on the database, with the engine's defaults.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use pgengine::prelude::*;
+    /// let db = pgengine_testing::TestDatabase::new().await?;
+    /// let engine = db.engine().await?;
+    /// engine.run_ddl("CREATE TABLE band (name text)").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn engine(&self) -> Result<pgengine::PostgresEngine, Error> {
+        self.engine_builder().build().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Database,
+                format!("could not build an engine: {e}"),
+            )
+        })
+    }
+
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
         let (client, connection) = tokio_postgres::connect(&self.url, NoTls)
             .await

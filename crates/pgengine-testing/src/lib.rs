@@ -12,6 +12,8 @@
 //! - [`EphemeralCluster::standby`] starts a hot standby streaming from a cluster
 //!   (`pg_basebackup -R`), and [`EphemeralCluster::promote`] makes it a primary: real
 //!   replication and failover for tests.
+//! - [`test_engine`] gives a fresh database with migrations applied and a pgengine
+//!   engine on it ([`migrations_in`] reads them from a directory).
 //! - [`doctest`] runs a documentation example against a fresh database.
 //!
 //! Nothing is left behind: temp dirs (`$TMPDIR/pgengine-test-*`) and servers are removed
@@ -38,6 +40,7 @@ mod doctest;
 mod error;
 mod pgbouncer;
 mod server;
+mod test_engine;
 
 pub use bin_dir::find_bin_dir;
 pub use certs::TestCertificates;
@@ -47,3 +50,4 @@ pub use doctest::doctest;
 pub use error::{Error, ErrorKind};
 pub use pgbouncer::PgBouncer;
 pub use server::{TestServer, server};
+pub use test_engine::{migrations_in, test_engine};

@@ -109,6 +109,10 @@ pub(crate) struct EngineSettings {
     pub replica_policy: ReplicaPolicy,
     /// Replicas lagging further behind are skipped.
     pub max_replica_lag: Option<Duration>,
+    /// The kind of server every connection must reach, checked by the engine.
+    pub server_role: ServerRole,
+    /// With a [`ServerRole`] other than `Any`: one configuration per host, in order.
+    pub hosts_in_order: Vec<tokio_postgres::Config>,
 }
 
 /// How read-only work picks among the read replicas
@@ -143,6 +147,8 @@ impl Default for EngineSettings {
             tls: Tls::plain(),
             replica_policy: ReplicaPolicy::RoundRobin,
             max_replica_lag: None,
+            server_role: ServerRole::Any,
+            hosts_in_order: Vec::new(),
         }
     }
 }
@@ -555,7 +561,55 @@ impl EngineBuilder {
 
     /// The driver configuration and the engine settings: the URL's configuration with
     /// what the builder set applied over it.
-    pub(crate) fn into_parts(mut self) -> Result<(tokio_postgres::Config, EngineSettings)> {
+    pub(crate) fn into_parts(self) -> Result<(tokio_postgres::Config, EngineSettings)> {
+        let builder = self.clone();
+        let (pg, mut settings) = self.into_parts_as_given()?;
+        if settings.server_role != ServerRole::Any {
+            settings.hosts_in_order = builder.one_per_host(&pg)?;
+        }
+        Ok((pg, settings))
+    }
+
+    /// The configuration of each host of `pg` alone, in order: this builder with its
+    /// hosts replaced by that one.
+    fn one_per_host(&self, pg: &tokio_postgres::Config) -> Result<Vec<tokio_postgres::Config>> {
+        let (hosts, ports, addresses) = (pg.get_hosts(), pg.get_ports(), pg.get_hostaddrs());
+        (0..hosts.len())
+            .map(|i| {
+                let mut one = self.clone();
+                let mut parts = tokio_postgres::Config::new();
+                match &hosts[i] {
+                    tokio_postgres::config::Host::Tcp(name) => parts.host(name),
+                    tokio_postgres::config::Host::Unix(path) => parts.host_path(path),
+                };
+                // libpq: one port for all hosts, or one per host.
+                if let Some(port) = ports.get(i).or(ports.first()) {
+                    parts.port(*port);
+                }
+                if let Some(user) = self.pg.get_user() {
+                    parts.user(user);
+                }
+                if let Some(password) = self.pg.get_password() {
+                    parts.password(password);
+                }
+                if let Some(dbname) = self.pg.get_dbname() {
+                    parts.dbname(dbname);
+                }
+                if let Some(name) = self.pg.get_application_name() {
+                    parts.application_name(name);
+                }
+                if let Some(timeout) = self.pg.get_connect_timeout() {
+                    parts.connect_timeout(*timeout);
+                }
+                one.pg = parts;
+                one.network.hostaddrs = addresses.get(i).copied().into_iter().collect();
+                Ok(one.into_parts_as_given()?.0)
+            })
+            .collect()
+    }
+
+    /// [`into_parts`](Self::into_parts) without the configurations per host.
+    fn into_parts_as_given(mut self) -> Result<(tokio_postgres::Config, EngineSettings)> {
         self.take_url_engine_params()?;
         if self.settings.max_connections == 0 {
             return Err(Error::new(
@@ -626,6 +680,13 @@ impl EngineBuilder {
         pg.ssl_mode(tls.mode);
         refuse_what_cannot_be_honoured(&pg, &tls)?;
         self.settings.tls = tls;
+        match url.session_attrs {
+            Some(SessionAttrs::Driver(attrs)) => {
+                pg.target_session_attrs(attrs);
+            }
+            Some(SessionAttrs::Role(role)) => self.settings.server_role = role,
+            None => {}
+        }
         Ok((pg, self.settings))
     }
 }
@@ -729,6 +790,7 @@ const OWN_PARAMETERS: &[&str] = &[
     "tcp_user_timeout",
     "gssencmode",
     "passfile",
+    "target_session_attrs",
 ];
 
 /// What a URL says: the driver's configuration of everything it parses, and the rest.
@@ -741,6 +803,43 @@ struct UrlSettings {
     tls: TlsSettings,
     keepalive: Keepalive,
     passfile: Option<PathBuf>,
+    session_attrs: Option<SessionAttrs>,
+}
+
+/// libpq's `target_session_attrs`: what kind of server a session must reach. The
+/// driver checks `any`, `read-write` and `read-only` itself; the engine checks the
+/// others ([`ServerRole`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionAttrs {
+    Driver(tokio_postgres::config::TargetSessionAttrs),
+    Role(ServerRole),
+}
+
+/// The kind of server each connection must reach, beyond what the driver checks
+/// (libpq's `target_session_attrs=primary | standby | prefer-standby`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ServerRole {
+    /// Whichever server answers first (or what the driver checks).
+    #[default]
+    Any,
+    /// Not in hot standby.
+    Primary,
+    /// In hot standby.
+    Standby,
+    /// A standby if one answers, else any server.
+    PreferStandby,
+}
+
+impl ServerRole {
+    /// The libpq name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Primary => "primary",
+            Self::Standby => "standby",
+            Self::PreferStandby => "prefer-standby",
+        }
+    }
 }
 
 impl UrlSettings {
@@ -808,6 +907,22 @@ impl UrlSettings {
                 self.keepalive.tcp_user_timeout = (n > 0).then(|| Duration::from_millis(n as u64));
             }
             "passfile" => self.passfile = Some(PathBuf::from(value)),
+            "target_session_attrs" => {
+                use tokio_postgres::config::TargetSessionAttrs as Driver;
+                self.session_attrs = Some(match value {
+                    "any" => SessionAttrs::Driver(Driver::Any),
+                    "read-write" => SessionAttrs::Driver(Driver::ReadWrite),
+                    "read-only" => SessionAttrs::Driver(Driver::ReadOnly),
+                    "primary" => SessionAttrs::Role(ServerRole::Primary),
+                    "standby" => SessionAttrs::Role(ServerRole::Standby),
+                    "prefer-standby" => SessionAttrs::Role(ServerRole::PreferStandby),
+                    _ => {
+                        return Err(invalid(
+                            "any, read-write, read-only, primary, standby or prefer-standby",
+                        ));
+                    }
+                });
+            }
             "gssencmode" => match value {
                 // Without GSSAPI support, libpq treats `prefer` as `disable`.
                 "disable" | "prefer" => {}

@@ -48,6 +48,7 @@ mod tls;
 mod version;
 // 2. Connections: the pooled connection and its hygiene, cancel.
 mod cancel;
+mod connect;
 mod pool;
 mod routing;
 // 3. The engine's shared context; a transaction's state; the runner that sends

@@ -23,6 +23,7 @@ use tokio_postgres::{Row, RowStream, Statement};
 
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
+use crate::connect::ServerConnector;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::{self, Counters};
 use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
@@ -46,7 +47,7 @@ impl ConnectionPool {
         ));
         let manager = Manager::from_connect(
             pg,
-            settings.tls.clone(),
+            ServerConnector::new(settings),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -134,8 +134,9 @@ async fn a_named_node_runs_everything_on_its_server() {
 
 /// With both servers in one URL, `target_session_attrs` picks the server as libpq does:
 /// `read-write` finds the primary listed second (200 concurrent inserts all land
-/// there), `read-only` the standby; a value libpq has but the driver cannot honour is a
-/// `Config` error naming it, never a connection to the wrong kind of server.
+/// there), `read-only` the standby, and `primary`, `standby`, `prefer-standby` (which
+/// the engine checks itself) the kind they name; none fitting is an error naming the
+/// setting, never a connection to the wrong kind of server.
 #[tokio::test]
 async fn target_session_attrs_picks_the_server() {
     let (primary, standby) = primary_and_standby(false).await;
@@ -170,15 +171,40 @@ async fn target_session_attrs_picks_the_server() {
     assert!(in_recovery(&reader).await);
     wait_for_rows(&reader, 200).await;
 
-    for unsupported in ["primary", "standby", "prefer-standby"] {
-        let err = PostgresEngine::builder()
-            .url(url(unsupported))
-            .build()
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config, "{unsupported}: {err}");
-        assert!(err.to_string().contains("target_session_attrs"), "{err}");
+    // The kinds of server the engine checks itself, as libpq does.
+    for (attrs, standby_wanted) in [
+        ("primary", false),
+        ("standby", true),
+        ("prefer-standby", true),
+    ] {
+        let engine = engine_on(&url(attrs)).await;
+        for _ in 0..8 {
+            assert_eq!(in_recovery(&engine).await, standby_wanted, "{attrs}");
+        }
     }
+    let primary_only = |attrs: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?target_session_attrs={attrs}",
+            primary.port()
+        )
+    };
+    assert!(!in_recovery(&engine_on(&primary_only("prefer-standby")).await).await);
+    let err = PostgresEngine::builder()
+        .url(primary_only("standby"))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("target_session_attrs=standby"),
+        "{err}"
+    );
+    let err = PostgresEngine::builder()
+        .url(url("replica"))
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("target_session_attrs"), "{err}");
 }
 
 /// What the writers saw during a failover.

@@ -416,3 +416,92 @@ async fn read_only_work_goes_to_a_fit_replica_else_the_primary() {
     assert!(!read_only_on_replica().await);
     assert!(!in_recovery(&engine.replica().await).await);
 }
+
+/// With two hosts, an abandoned query is cancelled on the server its session reached
+/// (the standby, listed second): it is gone from that server within 2 s, and the next
+/// query runs, on the same server. Each `target_session_attrs` path is tried: the
+/// driver's (`read-only`) and the engine's (`standby`).
+#[tokio::test]
+async fn with_two_hosts_an_abandoned_query_is_cancelled_on_its_server() {
+    let (primary, standby) = primary_and_standby(false).await;
+    let observer = engine_on(&standby.url()).await;
+    for attrs in ["read-only", "standby"] {
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs={attrs}",
+            primary.port(),
+            standby.port()
+        );
+        let engine = PostgresEngine::builder()
+            .url(&url)
+            .max_connections(1)
+            .build()
+            .await
+            .unwrap();
+        let pid = crate::common::backend_pid(&engine).await;
+        assert!(pid > 0);
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(300),
+            engine.execute("SELECT pg_sleep(30)"),
+        )
+        .await;
+        assert!(abandoned.is_err(), "pg_sleep(30) finished");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let sleeping: i64 = observer
+                .fetch_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+                .await
+                .unwrap()
+                .get(0);
+            if sleeping == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{attrs}: the sleep still runs after 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The session is not reused yet: which of the hosts a plaintext session is on is
+        // not known to the engine, so it cannot wait for the cancel's confirmation and
+        // discards the connection instead (the next query gets a new one, same server).
+        assert_ne!(crate::common::backend_pid(&engine).await, pid, "{attrs}");
+        assert!(in_recovery(&engine).await);
+    }
+}
+
+/// `load_balance_hosts=random` spreads new connections over the hosts, as libpq does.
+#[tokio::test]
+async fn load_balance_hosts_spreads_connections() {
+    let (primary, standby) = primary_and_standby(false).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?load_balance_hosts=random",
+        primary.port(),
+        standby.port()
+    );
+    let engine = PostgresEngine::builder()
+        .url(&url)
+        .max_connections(16)
+        .build()
+        .await
+        .unwrap();
+    engine.start_connection_pool().await.unwrap();
+    let sessions = (0..16).map(|_| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .transaction()
+                .run(async |tx| {
+                    let standby = in_recovery(tx).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, pgengine::Error>(standby)
+                })
+                .await
+                .unwrap()
+        }
+    });
+    let kinds: HashSet<bool> = futures::future::join_all(sessions)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(kinds.len(), 2, "16 connections all reached one host");
+}

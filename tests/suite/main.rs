@@ -8,6 +8,7 @@ mod common;
 
 mod atomic;
 mod batch;
+mod blackhole;
 mod concurrency;
 mod connection_params;
 mod engine;

@@ -4,7 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -80,6 +80,8 @@ pub struct EphemeralClusterBuilder {
     /// Files written into the data directory: name, contents, mode.
     files: Vec<(String, String, u32)>,
     hba: Option<Vec<String>>,
+    address: IpAddr,
+    network_namespace: Option<String>,
 }
 
 impl Default for EphemeralClusterBuilder {
@@ -92,6 +94,8 @@ impl Default for EphemeralClusterBuilder {
             bin_dir: None,
             files: Vec::new(),
             hba: None,
+            address: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            network_namespace: None,
         }
     }
 }
@@ -163,6 +167,39 @@ impl EphemeralClusterBuilder {
         self
     }
 
+    /// Listens on `address` instead of 127.0.0.1 (its URLs then name it). With an
+    /// address other than 127.0.0.1, allow clients in with [`hba`](Self::hba).
+    ///
+    /// ```no_run
+    /// let cluster = pgengine_testing::EphemeralCluster::builder()
+    ///     .listen_on("10.0.0.2".parse().unwrap())
+    ///     .hba(["host all all 10.0.0.0/24 trust"])
+    ///     .start()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn listen_on(mut self, address: IpAddr) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// Runs the server inside the network namespace `name` (`ip netns exec`; needs
+    /// root), e.g. that of a [`Blackhole`](crate::Blackhole), with
+    /// [`listen_on`](Self::listen_on) an address of that namespace.
+    ///
+    /// ```no_run
+    /// let path = pgengine_testing::Blackhole::new()?;
+    /// let cluster = pgengine_testing::EphemeralCluster::builder()
+    ///     .network_namespace(path.namespace())
+    ///     .listen_on(path.server_address())
+    ///     .hba(["host all all 0.0.0.0/0 trust"])
+    ///     .start()?;
+    /// # Ok::<(), pgengine_testing::Error>(())
+    /// ```
+    pub fn network_namespace(mut self, name: &str) -> Self {
+        self.network_namespace = Some(name.to_owned());
+        self
+    }
+
     /// Uses the server binaries in `dir` instead of searching with [`find_bin_dir`].
     ///
     /// ```no_run
@@ -210,6 +247,8 @@ impl EphemeralClusterBuilder {
             bin_dir,
             run_as,
             port: 0,
+            address: self.address,
+            network_namespace: self.network_namespace.clone(),
             state: Mutex::new(State {
                 stopped: false,
                 reaper: None,
@@ -255,6 +294,8 @@ pub struct EphemeralCluster {
     bin_dir: PathBuf,
     run_as: Option<(u32, u32)>,
     port: u16,
+    address: IpAddr,
+    network_namespace: Option<String>,
     state: Mutex<State>,
 }
 
@@ -317,7 +358,8 @@ impl EphemeralCluster {
     /// ```
     pub fn url_for(&self, dbname: &str) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:{}/{}",
+            "postgres://postgres@{}:{}/{}",
+            host_in_url(self.address),
             self.port,
             crate::server::percent_encode(dbname)
         )
@@ -426,7 +468,7 @@ impl EphemeralCluster {
     /// ```
     pub fn resume(&self) -> Result<(), Error> {
         let out = self
-            .command("pg_ctl")
+            .server_command()
             .arg("start")
             .args(["-w", "-t", "120", "-s"])
             .arg("-D")
@@ -471,6 +513,8 @@ impl EphemeralCluster {
             bin_dir: self.bin_dir.clone(),
             run_as: self.run_as,
             port: 0,
+            address: self.address,
+            network_namespace: None,
             state: Mutex::new(State {
                 stopped: false,
                 reaper: None,
@@ -650,6 +694,34 @@ impl EphemeralCluster {
         stop_result.and(rm_result)
     }
 
+    /// `pg_ctl`, run inside the cluster's network namespace when it has one (as root,
+    /// dropping to the server's user inside).
+    fn server_command(&self) -> Command {
+        let Some(namespace) = &self.network_namespace else {
+            return self.command("pg_ctl");
+        };
+        let mut inside = Command::new("ip");
+        inside.args(["netns", "exec", namespace]);
+        if let Some((uid, gid)) = self.run_as {
+            inside.args([
+                "setpriv".to_owned(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".to_owned(),
+            ]);
+        }
+        inside
+            .arg(self.bin_dir.join("pg_ctl"))
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .env("LC_ALL", "C")
+            .env_remove("PGDATA")
+            .env_remove("PGPORT")
+            .env_remove("PGHOST")
+            .env_remove("PGOPTIONS");
+        inside
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin_dir.join(program));
         cmd.current_dir(&self.root)
@@ -686,7 +758,7 @@ impl EphemeralCluster {
             ));
         }
         let mut conf = String::from("\n# --- pgengine-testing ---\n");
-        conf.push_str("listen_addresses = '127.0.0.1'\n");
+        conf.push_str(&format!("listen_addresses = '{}'\n", self.address));
         conf.push_str(&format!(
             "unix_socket_directories = '{}'\n",
             quote_conf(&self.root.to_string_lossy())
@@ -751,7 +823,7 @@ impl EphemeralCluster {
             let port = free_port()?;
             let log_start = std::fs::metadata(&self.log_file).map_or(0, |m| m.len());
             let out = self
-                .command("pg_ctl")
+                .server_command()
                 .arg("start")
                 .args(["-w", "-t", "120", "-s"])
                 .arg("-D")
@@ -974,5 +1046,13 @@ pub(crate) fn read_log_tail(path: &Path, from: u64) -> String {
         "(empty)".to_string()
     } else {
         tail.join("\n")
+    }
+}
+
+/// An address as the host part of a URL (IPv6 in brackets).
+fn host_in_url(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }

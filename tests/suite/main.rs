@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod abandoned_requests;
 mod atomic;
 mod batch;
 mod blackhole;

@@ -105,7 +105,11 @@ impl EngineContext {
                 .await
                 .map_err(Error::from)
         });
-        self.log.observe(sql, &[], request, |_| None).await
+        let result = self.log.observe(sql, &[], request, |_| None).await;
+        if result.is_ok() {
+            connection.ran(sql, true);
+        }
+        result
     }
 
     /// Ends the transaction open on `connection`; see [`settle_end`](Self::settle_end).

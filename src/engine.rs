@@ -148,6 +148,26 @@ impl PostgresEngine {
         PostgresEngine { context }
     }
 
+    /// Renews every prepared statement of the engine's connections at its next use:
+    /// call it after the schema was changed by someone else (a migration run by another
+    /// process, say). Changes made through the engine renew them by themselves.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// // … another service ran ALTER TABLE band …
+    /// engine.clear_statement_cache();
+    /// # Ok(()) });
+    /// ```
+    pub fn clear_statement_cache(&self) {
+        let contexts = std::iter::once(&self.context)
+            .chain(self.context.nodes.values())
+            .chain(&self.context.replicas);
+        for context in contexts {
+            context.pool.forget_statements();
+            context.sync_pool.forget_statements();
+        }
+    }
+
     /// Opens every connection of the pool up front, so that no query pays for a
     /// handshake. Only the missing ones are opened, and connections in use are not
     /// waited for: calling it again, or while queries run, is harmless.

@@ -43,6 +43,7 @@ mod lifecycle;
 mod passfile;
 pub mod query;
 mod retry;
+mod schema_change;
 mod statements;
 mod tls;
 mod version;

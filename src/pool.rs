@@ -90,6 +90,12 @@ impl ConnectionPool {
         })
     }
 
+    /// The schema may have changed where the engine cannot see it: every statement
+    /// cache of the pool is renewed.
+    pub(crate) fn forget_statements(&self) {
+        self.recency.schema_changed();
+    }
+
     /// Takes a connection, waiting at most the pool's wait timeout.
     pub(crate) async fn get(&self) -> Result<Connection> {
         let pool = &self.pool;
@@ -133,11 +139,13 @@ impl ConnectionPool {
                 self.statement_cache_capacity,
                 self.recency
                     .of(Object::id(&object), &object.statement_cache),
+                self.recency.schema_epoch(),
             ),
             counters: self.counters.clone(),
             object: Some(object),
             canceller: self.canceller.clone(),
             in_transaction: AtomicBool::new(false),
+            schema_changed_in_transaction: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
             broken: AtomicBool::new(false),
         }
@@ -167,6 +175,9 @@ pub(crate) struct Connection {
     counters: Arc<Counters>,
     canceller: Arc<Canceller>,
     in_transaction: AtomicBool,
+    /// A statement of the open transaction may have changed the schema: the pool's
+    /// statement caches are renewed again when it ends (its change is visible then).
+    schema_changed_in_transaction: AtomicBool,
     unfinished: AtomicBool,
     broken: AtomicBool,
 }
@@ -231,6 +242,31 @@ impl Connection {
     /// Records whether a transaction is open on this connection.
     pub(crate) fn set_in_transaction(&self, open: bool) {
         self.in_transaction.store(open, Ordering::Release);
+        if !open
+            && self
+                .schema_changed_in_transaction
+                .swap(false, Ordering::AcqRel)
+        {
+            self.statements.schema_changed();
+        }
+    }
+
+    /// Records that `sql`, just run on this connection, may have changed the schema
+    /// (see [`schema_change`](crate::schema_change)): every statement cache of the pool
+    /// is renewed now, and again when the open transaction ends.
+    pub(crate) fn ran(&self, sql: &str, several: bool) {
+        let changing = if several {
+            crate::schema_change::changes_schema(sql)
+        } else {
+            crate::schema_change::statement_changes_schema(sql)
+        };
+        if changing {
+            self.statements.schema_changed();
+            if self.in_transaction.load(Ordering::Acquire) {
+                self.schema_changed_in_transaction
+                    .store(true, Ordering::Release);
+            }
+        }
     }
 
     /// Records that a request whose answer is read over time (a streamed result) is

@@ -4,6 +4,7 @@
 //! bound and run in one round trip, so no named statement outlives its request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::BytesMut;
@@ -29,12 +30,19 @@ pub(crate) struct Recency {
 struct RecencyInner {
     clock: u64,
     by_sql: HashMap<String, (Statement, u64)>,
+    /// The schema epoch the statements were prepared in.
+    epoch: u64,
 }
 
 impl Recency {
-    /// The statement prepared for `sql`, if any, now the most recently used.
-    fn get(&self, sql: &str) -> Option<Statement> {
+    /// The statement prepared for `sql`, if any, now the most recently used. In a newer
+    /// schema `epoch` than the statements were prepared in, they are all dropped first.
+    fn get(&self, sql: &str, epoch: u64) -> Option<Statement> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.epoch != epoch {
+            cache.by_sql.clear();
+            cache.epoch = epoch;
+        }
         cache.clock += 1;
         let now = cache.clock;
         let (statement, last_use) = cache.by_sql.get_mut(sql)?;
@@ -74,6 +82,9 @@ impl Recency {
 #[derive(Default)]
 pub(crate) struct RecencyTable {
     by_object: Mutex<HashMap<ObjectId, TableEntry>>,
+    /// Bumped whenever the schema may have changed: every connection's statements are
+    /// then prepared again at their next use.
+    schema_epoch: Arc<AtomicU64>,
 }
 
 /// A connection's statements, and a token alive while the connection lives.
@@ -91,18 +102,43 @@ impl RecencyTable {
         table.insert(id, (recency.clone(), Arc::downgrade(cache)));
         recency
     }
+
+    /// The pool's schema epoch, shared by its connections' caches.
+    pub(crate) fn schema_epoch(&self) -> Arc<AtomicU64> {
+        self.schema_epoch.clone()
+    }
+
+    /// The schema may have changed: every statement cache of the pool is renewed.
+    pub(crate) fn schema_changed(&self) {
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The statement cache of one connection: its capacity and its recency.
 pub(crate) struct StatementCache {
     capacity: usize,
     recency: Arc<Recency>,
+    schema_epoch: Arc<AtomicU64>,
 }
 
 impl StatementCache {
-    /// A cache of `capacity` statements with the connection's `recency`.
-    pub(crate) fn new(capacity: usize, recency: Arc<Recency>) -> Self {
-        Self { capacity, recency }
+    /// A cache of `capacity` statements with the connection's `recency`, renewed when
+    /// the pool's `schema_epoch` moves.
+    pub(crate) fn new(
+        capacity: usize,
+        recency: Arc<Recency>,
+        schema_epoch: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            capacity,
+            recency,
+            schema_epoch,
+        }
+    }
+
+    /// The schema may have changed: this cache and every other of the pool is renewed.
+    pub(crate) fn schema_changed(&self) {
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether statements are prepared and cached (capacity above 0).
@@ -117,7 +153,8 @@ impl StatementCache {
         client: &ClientWrapper,
         sql: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.recency.get(sql) {
+        let epoch = self.schema_epoch.load(Ordering::Acquire);
+        if let Some(statement) = self.recency.get(sql, epoch) {
             return Ok(statement);
         }
         let statement = client.prepare(sql).await?;

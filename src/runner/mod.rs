@@ -277,6 +277,9 @@ impl Runner {
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
             request.answered(&result);
+            if result.is_ok() {
+                self.connection().ran(sql, false);
+            }
             if let Some(watch) = watch {
                 watch.report(&result, |answer| Some(answer.row_count()));
             }

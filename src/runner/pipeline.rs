@@ -65,7 +65,12 @@ pub(crate) async fn run(
     want: Want,
 ) -> Result<Vec<Outcome>> {
     let own_transaction = runner.transaction().is_none();
-    if own_transaction {
+    let changes_schema = statements
+        .iter()
+        .any(|statement| crate::schema_change::statement_changes_schema(statement.sql()));
+    // Statements prepared ahead of a schema change in the bundle could be stale by
+    // their turn: then each is prepared at its turn.
+    if own_transaction && !changes_schema {
         prepare_ahead(runner, statements).await;
     }
     // In a transaction, the bundle is one request: admitted, and sent in one turn.
@@ -75,6 +80,11 @@ pub(crate) async fn run(
     let result = connection
         .guarded(run_in_order(runner, statements, want, own_transaction))
         .await;
+    if changes_schema && result.is_ok() {
+        for statement in statements {
+            connection.ran(statement.sql(), false);
+        }
+    }
     runner.noted(result)
 }
 

@@ -20,6 +20,7 @@ mod query;
 mod replication;
 mod security;
 mod smoke;
+mod statement_cache;
 mod test_support;
 mod tls;
 mod transactions;

@@ -1,0 +1,62 @@
+//! Which statements may change the shape of what prepared statements read: after one,
+//! statements prepared before it can fail ("cached plan must not change result type")
+//! or point at a table that is gone, so the engine's statement caches are renewed.
+
+/// The first words of statements that change the schema, or drop server-side prepared
+/// statements.
+const CHANGING: [&str; 5] = ["alter", "create", "deallocate", "discard", "drop"];
+
+/// Whether the one statement `sql` may change the schema (its first word, after
+/// blanks and comments). Cheap: it reads a few bytes of an ordinary query.
+pub(crate) fn statement_changes_schema(sql: &str) -> bool {
+    let word = first_word(sql);
+    CHANGING
+        .iter()
+        .any(|changing| word.eq_ignore_ascii_case(changing))
+}
+
+/// Whether any statement of `sql` (several separated by `;`, as the simple protocol
+/// takes them) may change the schema. A `;` inside a literal only adds a fragment to
+/// look at: at worst a cache is renewed for nothing.
+pub(crate) fn changes_schema(sql: &str) -> bool {
+    sql.split(';').any(statement_changes_schema)
+}
+
+/// The first word of `sql`, after blanks, `--` line comments and `/* */` comments.
+fn first_word(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    let end = sql
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(sql.len());
+    &sql[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_ddl_after_blanks_and_comments() {
+        assert!(statement_changes_schema(
+            "ALTER TABLE band ADD COLUMN x int"
+        ));
+        assert!(statement_changes_schema(
+            "  -- note\n /* x */ drop table band"
+        ));
+        assert!(statement_changes_schema("DISCARD ALL"));
+        assert!(!statement_changes_schema("SELECT * FROM band"));
+        assert!(!statement_changes_schema("INSERT INTO created VALUES (1)"));
+        assert!(!statement_changes_schema("-- only a comment"));
+        assert!(changes_schema("SELECT 1; CREATE INDEX ON band (name)"));
+        assert!(!changes_schema("SELECT 1; UPDATE band SET name = 'x'"));
+    }
+}

@@ -1,0 +1,117 @@
+//! Prepared statements after the schema changes: every pooled connection's cached
+//! statements are renewed after DDL run through the engine (alone, in a transaction, in
+//! an atomic), so a statement prepared before never fails after, even inside a
+//! transaction where a stale plan would abort it; after DDL run elsewhere,
+//! `clear_statement_cache` does the same.
+
+use pgengine::PostgresEngine;
+use pgengine::prelude::*;
+
+/// Both connections of a pool of two prepare `sql` (two transactions at once).
+async fn prepare_on_both(engine: &PostgresEngine, sql: &'static str) {
+    let (a, b) = tokio::join!(engine.begin(), engine.begin());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    a.fetch(sql).await.unwrap();
+    b.fetch(sql).await.unwrap();
+    a.commit().await.unwrap();
+    b.commit().await.unwrap();
+}
+
+/// `sql` inside a transaction on both connections: its column count on each.
+async fn columns_on_both(engine: &PostgresEngine, sql: &'static str) -> Vec<usize> {
+    let (a, b) = tokio::join!(engine.begin(), engine.begin());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut columns = Vec::new();
+    for tx in [&a, &b] {
+        let rows = tx
+            .fetch(sql)
+            .await
+            .expect("a statement prepared before the change");
+        columns.push(rows[0].columns().len());
+    }
+    a.commit().await.unwrap();
+    b.commit().await.unwrap();
+    columns
+}
+
+async fn engine_with_band() -> (pgengine_testing::TestDatabase, PostgresEngine) {
+    let (db, engine) = crate::common::engine_with(2).await;
+    engine
+        .run_ddl("CREATE TABLE band (name text); INSERT INTO band VALUES ('a')")
+        .await
+        .unwrap();
+    prepare_on_both(&engine, "SELECT * FROM band").await;
+    (db, engine)
+}
+
+#[tokio::test]
+async fn a_column_added_through_the_engine_is_seen_on_every_connection() {
+    let (_db, engine) = engine_with_band().await;
+    engine
+        .run_ddl("ALTER TABLE band ADD COLUMN popularity int DEFAULT 7")
+        .await
+        .unwrap();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [2, 2]);
+}
+
+#[tokio::test]
+async fn a_table_dropped_and_made_again_is_read_on_every_connection() {
+    let (_db, engine) = engine_with_band().await;
+    engine.execute("DROP TABLE band").await.unwrap();
+    engine
+        .run_ddl("CREATE TABLE band (id int, name text, since date); INSERT INTO band VALUES (1, 'b', now())")
+        .await
+        .unwrap();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [3, 3]);
+}
+
+#[tokio::test]
+async fn ddl_in_a_committed_transaction_or_an_atomic_renews_the_caches() {
+    let (_db, engine) = engine_with_band().await;
+    engine
+        .transaction()
+        .run(async |tx| tx.execute("ALTER TABLE band ADD COLUMN a int").await)
+        .await
+        .unwrap();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [2, 2]);
+    let mut atomic = engine.atomic();
+    atomic
+        .add("ALTER TABLE band ADD COLUMN b int")
+        .add("INSERT INTO band (name, b) VALUES ('c', 1)");
+    atomic.run().await.unwrap();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [3, 3]);
+}
+
+#[tokio::test]
+async fn ddl_rolled_back_leaves_every_connection_working() {
+    let (_db, engine) = engine_with_band().await;
+    let tx = engine.begin().await.unwrap();
+    tx.execute("ALTER TABLE band ADD COLUMN gone int")
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [1, 1]);
+}
+
+/// DDL run by another client is not seen by the engine: inside a transaction a stale
+/// statement then fails (and aborts it); after `clear_statement_cache` it does not.
+#[tokio::test]
+async fn ddl_run_elsewhere_needs_clear_statement_cache() {
+    let (db, engine) = engine_with_band().await;
+    let elsewhere = db.connect().await.unwrap();
+    elsewhere
+        .batch_execute("ALTER TABLE band ADD COLUMN elsewhere int")
+        .await
+        .unwrap();
+    let tx = engine.begin().await.unwrap();
+    let stale = tx.fetch("SELECT * FROM band").await.unwrap_err();
+    assert_eq!(stale.code(), Some("0A000"), "{stale}");
+    tx.rollback().await.unwrap();
+
+    elsewhere
+        .batch_execute("ALTER TABLE band ADD COLUMN again int")
+        .await
+        .unwrap();
+    engine.clear_statement_cache();
+    assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [3, 3]);
+}

@@ -24,6 +24,8 @@ pub(crate) struct EngineContext {
     /// a blocked caller's runtime never stalls them. Empty until first used.
     pub(crate) sync_pool: ConnectionPool,
     pub(crate) settings: EngineSettings,
+    /// The driver's configuration, for connections outside the pools (a listener's).
+    pub(crate) pg: tokio_postgres::Config,
     pub(crate) log: QueryLog,
     /// The engine's named nodes (none for a node itself).
     pub(crate) nodes: BTreeMap<String, Arc<EngineContext>>,
@@ -60,7 +62,7 @@ impl EngineContext {
         // The pool of blocking callers opens connections only on demand.
         let mut sync_settings = settings.clone();
         sync_settings.lifecycle.min_connections = 0;
-        let sync_pool = ConnectionPool::new(pg, &sync_settings)?;
+        let sync_pool = ConnectionPool::new(pg.clone(), &sync_settings)?;
         Ok(Self {
             id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,
@@ -68,6 +70,7 @@ impl EngineContext {
             log: QueryLog::new(&settings),
             routing: ReadRouting::new(settings.replica_policy, settings.max_replica_lag, 0),
             settings,
+            pg,
             nodes: BTreeMap::new(),
             replicas: Vec::new(),
         })

@@ -11,6 +11,7 @@ use crate::context::EngineContext;
 use crate::error::{Error, ErrorKind, Result};
 use crate::executor::{Executor, sealed};
 use crate::identifier::quote_identifier;
+use crate::listener::{self, Listener};
 use crate::runner::Runner;
 use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
 use crate::version::ServerVersion;
@@ -166,6 +167,31 @@ impl PostgresEngine {
             context.pool.forget_statements();
             context.sync_pool.forget_statements();
         }
+    }
+
+    /// Listens on `channels` (`LISTEN`, names validated and quoted): a [`Listener`]
+    /// stream of their notifications, on a connection of its own outside the pool. It
+    /// reconnects by itself when that connection dies, and then yields
+    /// [`ListenEvent::Reconnected`](crate::ListenEvent::Reconnected), since notifications
+    /// sent meanwhile are lost. Dropping it closes the connection.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use futures::StreamExt;
+    /// use pgengine::prelude::*;
+    /// let mut listener = engine.listen(["band_changes"]).await?;
+    /// engine.execute("NOTIFY band_changes, 'added'").await?;
+    /// let event = listener.next().await.expect("the stream goes on")?;
+    /// assert!(matches!(event, pgengine::ListenEvent::Notification(n) if n.payload == "added"));
+    /// # Ok(()) });
+    /// ```
+    pub async fn listen<I, S>(&self, channels: I) -> Result<Listener>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let channels = channels.into_iter().map(Into::into).collect();
+        listener::listen(self.context.clone(), channels).await
     }
 
     /// Opens every connection of the pool up front, so that no query pays for a

@@ -62,6 +62,7 @@ mod transaction;
 mod atomic;
 mod batch;
 mod executor;
+mod listener;
 pub mod savepoint;
 // 5. The facade.
 mod engine;
@@ -73,6 +74,7 @@ pub use engine::{PoolStatus, PostgresEngine};
 pub use error::{DatabaseError, Error, ErrorKind, FailedStatement, Result};
 pub use executor::Executor;
 pub use lifecycle::{AfterConnectFuture, SessionReset};
+pub use listener::{ListenEvent, Listener, Notification};
 pub use query::{Query, QueryString};
 pub use retry::RetryPolicy;
 pub use savepoint::Savepoint;

@@ -14,6 +14,7 @@ mod concurrency;
 mod connection_params;
 mod engine;
 mod faults;
+mod listen;
 mod pgbouncer;
 mod pool_lifecycle;
 mod query;

@@ -2,7 +2,9 @@
 
 use std::future::Future;
 
+use tokio::io::AsyncRead;
 use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::batch::AsyncBatch;
 use crate::error::{Error, ErrorKind, Result};
@@ -143,6 +145,60 @@ pub trait Executor: sealed::Sealed + Sync {
     /// ```
     fn run_ddl(&self, ddl: &str) -> impl Future<Output = Result<()>> + Send {
         async move { self.runner().await?.simple(ddl).await }
+    }
+
+    /// Runs `sql`, a `COPY … FROM STDIN` in text or CSV format, with the data read from
+    /// `reader`, and returns the number of rows copied. A COPY dropped half-way leaves
+    /// the connection clean (outside a transaction) or the transaction unable to commit
+    /// (inside one).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let csv = "Gophers,3000\nCrabs,500\n".as_bytes();
+    /// let copied = engine.copy_in("COPY band (name, popularity) FROM STDIN (FORMAT csv)", csv).await?;
+    /// assert_eq!(copied, 2);
+    /// # Ok(()) });
+    /// ```
+    fn copy_in<R>(&self, sql: &str, reader: R) -> impl Future<Output = Result<u64>> + Send
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        async move { self.runner().await?.copy_in(sql, reader).await }
+    }
+
+    /// Runs `sql`, a `COPY … FROM STDIN (FORMAT binary)`, with `rows` (each a slice
+    /// of values of the column `types`, in order), and returns the number of rows
+    /// copied: the fastest way to load many rows. A row of the wrong length is an
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error, and nothing is copied.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// use pgengine::types::{ToSql, Type};
+    /// let bands = [("Gophers", 3000), ("Crabs", 500)];
+    /// let rows: Vec<[&(dyn ToSql + Sync); 2]> = bands.iter().map(|(n, p)| [n as _, p as _]).collect();
+    /// let copied = engine
+    ///     .copy_in_rows(
+    ///         "COPY band (name, popularity) FROM STDIN (FORMAT binary)",
+    ///         &[Type::TEXT, Type::INT4],
+    ///         rows.iter().map(|row| &row[..]),
+    ///     )
+    ///     .await?;
+    /// assert_eq!(copied, 2);
+    /// # Ok(()) });
+    /// ```
+    fn copy_in_rows<'a, I>(
+        &self,
+        sql: &str,
+        types: &[Type],
+        rows: I,
+    ) -> impl Future<Output = Result<u64>> + Send
+    where
+        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]> + Send,
+        I::IntoIter: Send,
+    {
+        async move { self.runner().await?.copy_in_rows(sql, types, rows).await }
     }
 
     /// Streams the rows of `query`, at most `batch_size` at a time, in bounded memory;

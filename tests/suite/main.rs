@@ -12,6 +12,7 @@ mod batch;
 mod blackhole;
 mod concurrency;
 mod connection_params;
+mod copy;
 mod engine;
 mod faults;
 mod listen;

@@ -1,0 +1,93 @@
+//! `COPY … FROM STDIN` through the runner: text or CSV read from an `AsyncRead`, or
+//! typed rows in the binary format. A COPY is one request: inside a transaction it holds
+//! the transaction's turn from start to end; dropped half-way, its request stays open,
+//! so the connection is cleaned before reuse and the transaction cannot commit.
+
+use std::pin::pin;
+
+use bytes::BytesMut;
+use futures::SinkExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+use super::Runner;
+use crate::error::{Error, ErrorKind, Result};
+
+/// How much of the reader's data is sent at a time.
+const CHUNK: usize = 64 * 1024;
+
+impl Runner {
+    /// Runs `sql` (a `COPY … FROM STDIN`, text or CSV) with the data of `reader`;
+    /// returns the rows copied.
+    pub(crate) async fn copy_in<R>(&self, sql: &str, mut reader: R) -> Result<u64>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        let result = async {
+            let _permit = self.admit().await?;
+            let _turn = self.turn().await;
+            let connection = self.connection();
+            connection
+                .guarded(async {
+                    let mut sink = pin!(connection.client().copy_in(sql).await?);
+                    let mut buffer = BytesMut::with_capacity(CHUNK);
+                    loop {
+                        buffer.reserve(CHUNK);
+                        let read = reader.read_buf(&mut buffer).await.map_err(|e| {
+                            Error::new(
+                                ErrorKind::InvalidInput,
+                                format!("reading the data to COPY failed: {e}"),
+                            )
+                        })?;
+                        if read == 0 {
+                            break;
+                        }
+                        sink.send(buffer.split().freeze()).await?;
+                    }
+                    Ok(sink.as_mut().finish().await?)
+                })
+                .await
+        }
+        .await;
+        self.noted(result)
+    }
+
+    /// Runs `sql` (a `COPY … FROM STDIN (FORMAT binary)`) with `rows`, each of the
+    /// column `types`; returns the rows copied.
+    pub(crate) async fn copy_in_rows<'a, I>(
+        &self,
+        sql: &str,
+        types: &[Type],
+        rows: I,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]>,
+        I::IntoIter: Send,
+    {
+        let result = async {
+            let _permit = self.admit().await?;
+            let _turn = self.turn().await;
+            let connection = self.connection();
+            connection
+                .guarded(async {
+                    let sink = connection.client().copy_in(sql).await?;
+                    let mut writer = pin!(BinaryCopyInWriter::new(sink, types));
+                    for row in rows {
+                        if row.len() != types.len() {
+                            return Err(Error::invalid_input(format!(
+                                "a COPY row has {} values for {} columns",
+                                row.len(),
+                                types.len()
+                            )));
+                        }
+                        writer.as_mut().write(row).await?;
+                    }
+                    Ok(writer.as_mut().finish().await?)
+                })
+                .await
+        }
+        .await;
+        self.noted(result)
+    }
+}

@@ -8,6 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::batch::AsyncBatch;
 use crate::error::{Error, ErrorKind, Result};
+use crate::from_row::FromRow;
 use crate::query::{Query, QueryString};
 use crate::runner::compile_all;
 
@@ -112,6 +113,68 @@ pub trait Executor: sealed::Sealed + Sync {
                     ErrorKind::TooManyRows,
                     format!("fetch_optional expected at most one row, the query returned {n}"),
                 )),
+            }
+        }
+    }
+
+    /// Runs the query and returns its rows as `T` (see [`FromRow`]: tuples, or your
+    /// own types); a column of another type is an error naming it.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let bands: Vec<(String, i32)> = engine.fetch_as("SELECT name, popularity FROM band").await?;
+    /// assert_eq!(bands.len(), 2);
+    /// # Ok(()) });
+    /// ```
+    fn fetch_as<T, Q>(&self, query: Q) -> impl Future<Output = Result<Vec<T>>> + Send
+    where
+        T: FromRow + Send,
+        Q: Query,
+    {
+        async move { self.fetch(query).await?.iter().map(T::from_row).collect() }
+    }
+
+    /// Runs the query and returns its one row as `T` (see
+    /// [`fetch_one`](Executor::fetch_one)).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let (name, popularity): (String, i32) = engine
+    ///     .fetch_one_as(sql!("SELECT name, popularity FROM band WHERE name = {}", "Rustaceans"))
+    ///     .await?;
+    /// # Ok(()) });
+    /// ```
+    fn fetch_one_as<T, Q>(&self, query: Q) -> impl Future<Output = Result<T>> + Send
+    where
+        T: FromRow + Send,
+        Q: Query,
+    {
+        async move { T::from_row(&self.fetch_one(query).await?) }
+    }
+
+    /// Runs the query and returns its row, if any, as `T` (see
+    /// [`fetch_optional`](Executor::fetch_optional)).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let missing: Option<(i32,)> = engine
+    ///     .fetch_optional_as(sql!("SELECT popularity FROM band WHERE name = {}", "nobody"))
+    ///     .await?;
+    /// assert!(missing.is_none());
+    /// # Ok(()) });
+    /// ```
+    fn fetch_optional_as<T, Q>(&self, query: Q) -> impl Future<Output = Result<Option<T>>> + Send
+    where
+        T: FromRow + Send,
+        Q: Query,
+    {
+        async move {
+            match self.fetch_optional(query).await? {
+                Some(row) => T::from_row(&row).map(Some),
+                None => Ok(None),
             }
         }
     }

@@ -26,3 +26,4 @@ mod statement_cache;
 mod test_support;
 mod tls;
 mod transactions;
+mod typed_rows;

@@ -27,3 +27,4 @@ mod test_support;
 mod tls;
 mod transactions;
 mod typed_rows;
+mod types;

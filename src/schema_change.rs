@@ -9,6 +9,13 @@ const CHANGING: [&str; 5] = ["alter", "create", "deallocate", "discard", "drop"]
 /// Whether the one statement `sql` may change the schema (its first word, after
 /// blanks and comments). Cheap: it reads a few bytes of an ordinary query.
 pub(crate) fn statement_changes_schema(sql: &str) -> bool {
+    // Most statements are told apart by their first byte (SELECT, INSERT, UPDATE, …).
+    if !matches!(
+        sql.trim_ascii_start().as_bytes().first(),
+        Some(b'a' | b'A' | b'c' | b'C' | b'd' | b'D' | b'-' | b'/')
+    ) {
+        return false;
+    }
     let word = first_word(sql);
     CHANGING
         .iter()

@@ -76,8 +76,13 @@ impl EngineContext {
         })
     }
 
-    /// Takes on the read replicas of this engine.
-    pub(crate) fn with_replicas(mut self, replicas: Vec<Arc<EngineContext>>) -> Self {
+    /// Takes on the named nodes and the read replicas of this engine.
+    pub(crate) fn with_others(
+        mut self,
+        nodes: BTreeMap<String, Arc<EngineContext>>,
+        replicas: Vec<Arc<EngineContext>>,
+    ) -> Self {
+        self.nodes = nodes;
         self.routing = ReadRouting::new(
             self.settings.replica_policy,
             self.settings.max_replica_lag,
@@ -110,7 +115,7 @@ impl EngineContext {
         });
         let result = self.log.observe(sql, &[], request, |_| None).await;
         if result.is_ok() {
-            connection.ran(sql, true);
+            connection.ran_statements(sql);
         }
         result
     }

@@ -93,8 +93,7 @@ impl PostgresEngine {
         nodes: BTreeMap<String, Arc<EngineContext>>,
         replicas: Vec<Arc<EngineContext>>,
     ) -> Result<Self> {
-        let mut context = EngineContext::new(pg, settings)?.with_replicas(replicas);
-        context.nodes = nodes;
+        let context = EngineContext::new(pg, settings)?.with_others(nodes, replicas);
         let engine = Self {
             context: Arc::new(context),
         };

@@ -254,18 +254,25 @@ impl Connection {
     /// Records that `sql`, just run on this connection, may have changed the schema
     /// (see [`schema_change`](crate::schema_change)): every statement cache of the pool
     /// is renewed now, and again when the open transaction ends.
-    pub(crate) fn ran(&self, sql: &str, several: bool) {
-        let changing = if several {
-            crate::schema_change::changes_schema(sql)
-        } else {
-            crate::schema_change::statement_changes_schema(sql)
-        };
-        if changing {
-            self.statements.schema_changed();
-            if self.in_transaction.load(Ordering::Acquire) {
-                self.schema_changed_in_transaction
-                    .store(true, Ordering::Release);
-            }
+    pub(crate) fn ran_statement(&self, sql: &str) {
+        if crate::schema_change::statement_changes_schema(sql) {
+            self.schema_may_have_changed();
+        }
+    }
+
+    /// [`ran_statement`](Self::ran_statement) for `sql` of several statements (simple
+    /// protocol).
+    pub(crate) fn ran_statements(&self, sql: &str) {
+        if crate::schema_change::changes_schema(sql) {
+            self.schema_may_have_changed();
+        }
+    }
+
+    fn schema_may_have_changed(&self) {
+        self.statements.schema_changed();
+        if self.in_transaction.load(Ordering::Acquire) {
+            self.schema_changed_in_transaction
+                .store(true, Ordering::Release);
         }
     }
 

@@ -279,7 +279,7 @@ impl Runner {
             let result = self.run_prepared::<A>(sql, params).await;
             request.answered(&result);
             if result.is_ok() {
-                self.connection().ran(sql, false);
+                self.connection().ran_statement(sql);
             }
             if let Some(watch) = watch {
                 watch.report(&result, |answer| Some(answer.row_count()));

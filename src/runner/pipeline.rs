@@ -82,7 +82,7 @@ pub(crate) async fn run(
         .await;
     if changes_schema && result.is_ok() {
         for statement in statements {
-            connection.ran(statement.sql(), false);
+            connection.ran_statement(statement.sql());
         }
     }
     runner.noted(result)

@@ -524,16 +524,9 @@ impl EphemeralCluster {
             .command("pg_basebackup")
             .arg("-D")
             .arg(&standby.data_dir)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-R",
-                "-X",
-                "stream",
-                "--no-sync",
-            ])
+            .arg("-h")
+            .arg(self.address.to_string())
+            .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync"])
             .arg("-p")
             .arg(self.port.to_string())
             .output()
@@ -606,16 +599,9 @@ impl EphemeralCluster {
     fn psql(&self, sql: &str) -> Result<String, Error> {
         let out = self
             .command("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-Atqc",
-                sql,
-            ])
+            .arg("-h")
+            .arg(self.address.to_string())
+            .args(["-U", "postgres", "-d", "postgres", "-Atqc", sql])
             .arg("-p")
             .arg(self.port.to_string())
             .output()
@@ -710,20 +696,23 @@ impl EphemeralCluster {
                 "--clear-groups".to_owned(),
             ]);
         }
-        inside
-            .arg(self.bin_dir.join("pg_ctl"))
-            .current_dir(&self.root)
-            .stdin(Stdio::null())
-            .env("LC_ALL", "C")
-            .env_remove("PGDATA")
-            .env_remove("PGPORT")
-            .env_remove("PGHOST")
-            .env_remove("PGOPTIONS");
+        inside.arg(self.bin_dir.join("pg_ctl"));
+        self.in_cluster_dir(&mut inside);
         inside
     }
 
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin_dir.join(program));
+        self.in_cluster_dir(&mut cmd);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Runs `cmd` from the temp dir, with no stdin, the C locale and none of libpq's
+    /// variables that would point it elsewhere.
+    fn in_cluster_dir(&self, cmd: &mut Command) {
         cmd.current_dir(&self.root)
             .stdin(Stdio::null())
             .env("LC_ALL", "C")
@@ -731,10 +720,6 @@ impl EphemeralCluster {
             .env_remove("PGPORT")
             .env_remove("PGHOST")
             .env_remove("PGOPTIONS");
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
     }
 
     fn init(&mut self, settings: &[(String, String)]) -> Result<(), Error> {

@@ -11,11 +11,12 @@
 //!
 //! Where the cancel goes: a session that must use TLS (`sslmode` `require`,
 //! `verify-ca`, `verify-full`) is cancelled through the driver, which connects to the
-//! very address the session is on (with several hosts too); the TLS connector wraps
-//! that socket so that its shutdown still waits. Other sessions are cancelled at the
-//! configured address: `hostaddr`, an IP address or a unix socket are exact, but a
-//! host name is resolved again (the driver does not tell which address a plaintext
-//! session is on), so with round-robin DNS give `hostaddr` to pin it.
+//! very address the session is on; the TLS connector wraps that socket so that its
+//! shutdown still waits. Other sessions are cancelled at the [`ServerAddress`] of the
+//! host they reached (the engine connects host by host when there are several):
+//! `hostaddr`, an IP address or a unix socket are exact, but a host name is resolved
+//! again (the driver does not tell which address a plaintext session is on), so with
+//! round-robin DNS give `hostaddr` to pin it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -34,13 +35,8 @@ use tokio_postgres::tls::MakeTlsConnect;
 
 use crate::tls::Connector;
 
-/// Sends cancel requests to the server of one engine.
+/// Sends cancel requests to the servers of one engine.
 pub(crate) struct Canceller {
-    /// Where the server takes cancel requests; `None` when the configuration names
-    /// several hosts, and which one a session is on is unknown.
-    route: Option<Route>,
-    /// The host name TLS checks.
-    hostname: String,
     /// The most a cancel may take, connecting included.
     timeout: Duration,
     /// The sessions' TLS connector: a cancel is encrypted when the session is.
@@ -53,9 +49,40 @@ pub(crate) struct Canceller {
 impl std::fmt::Debug for Canceller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Canceller")
-            .field("route", &self.route)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where one server takes cancel requests, and the host name TLS checks there.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ServerAddress {
+    route: Route,
+    hostname: String,
+}
+
+impl ServerAddress {
+    /// The one address of a single-host configuration: `hostaddr` over `host`, a unix
+    /// socket directory as `<dir>/.s.PGSQL.<port>`; `None` with several hosts.
+    pub(crate) fn of(pg: &tokio_postgres::Config) -> Option<Self> {
+        let port = match pg.get_ports() {
+            [] => 5432,
+            [port] => *port,
+            _ => return None,
+        };
+        let address = |ip: &IpAddr| Route::Address(SocketAddr::new(*ip, port));
+        let route = match (pg.get_hosts(), pg.get_hostaddrs()) {
+            ([] | [_], [ip]) => address(ip),
+            ([Host::Tcp(name)], []) => Route::Name(name.clone(), port),
+            #[cfg(unix)]
+            ([Host::Unix(dir)], []) => Route::Socket(dir.join(format!(".s.PGSQL.{port}"))),
+            _ => return None,
+        };
+        let hostname = match pg.get_hosts() {
+            [Host::Tcp(name)] => name.clone(),
+            _ => String::new(),
+        };
+        Some(Self { route, hostname })
     }
 }
 
@@ -69,15 +96,11 @@ enum Route {
 }
 
 impl Canceller {
-    /// A canceller for the server(s) `pg` connects to.
+    /// A canceller for the server(s) `pg` connects to (without TLS support, only the
+    /// timeout and the connector matter).
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     pub(crate) fn new(pg: &tokio_postgres::Config, timeout: Duration, tls: Connector) -> Self {
-        let hostname = match pg.get_hosts() {
-            [Host::Tcp(name)] => name.clone(),
-            _ => String::new(),
-        };
         Self {
-            route: single_route(pg),
-            hostname,
             timeout,
             tls,
             #[cfg(feature = "tls")]
@@ -85,10 +108,11 @@ impl Canceller {
         }
     }
 
-    /// Cancels the request running under `token` and returns `true` once the server
-    /// has signalled the session; `false` when that cannot be known (the request is
-    /// still cancelled if possible), and the session must not be reused.
-    pub(crate) async fn cancel(&self, token: &CancelToken) -> bool {
+    /// Cancels the request running under `token`, on a session of the server at
+    /// `server`, and returns `true` once the server has signalled the session; `false`
+    /// when that cannot be known (the request is still cancelled if possible), and the
+    /// session must not be reused.
+    pub(crate) async fn cancel(&self, token: &CancelToken, server: Option<&ServerAddress>) -> bool {
         #[cfg(feature = "tls")]
         if self.tls_required {
             let sent = async {
@@ -99,21 +123,26 @@ impl Canceller {
             };
             return self.acted_on(tokio::time::timeout(self.timeout, sent).await);
         }
-        let Some(route) = &self.route else {
+        let Some(server) = server else {
             let _ = tokio::time::timeout(self.timeout, token.cancel_query(self.tls.clone())).await;
             return false;
         };
+        let hostname = &server.hostname;
         let sent = async {
-            match route {
+            match &server.route {
                 Route::Address(address) => {
-                    self.send(token, TcpStream::connect(address).await?).await
-                }
-                Route::Name(host, port) => {
-                    self.send(token, TcpStream::connect((host.as_str(), *port)).await?)
+                    self.send(token, hostname, TcpStream::connect(address).await?)
                         .await
                 }
+                Route::Name(host, port) => {
+                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                    self.send(token, hostname, stream).await
+                }
                 #[cfg(unix)]
-                Route::Socket(path) => self.send(token, UnixStream::connect(path).await?).await,
+                Route::Socket(path) => {
+                    self.send(token, hostname, UnixStream::connect(path).await?)
+                        .await
+                }
             }
         };
         self.acted_on(tokio::time::timeout(self.timeout, sent).await)
@@ -139,37 +168,17 @@ impl Canceller {
 
     /// Sends the cancel request over `stream` (over TLS when the session's `sslmode`
     /// asks for it) and waits until the server closes it.
-    async fn send<S>(&self, token: &CancelToken, stream: S) -> io::Result<()>
+    async fn send<S>(&self, token: &CancelToken, hostname: &str, stream: S) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let tls = MakeTlsConnect::<ClosedByServer<S>>::make_tls_connect(
-            &mut self.tls.clone(),
-            &self.hostname,
-        )
-        .map_err(io::Error::other)?;
+        let tls =
+            MakeTlsConnect::<ClosedByServer<S>>::make_tls_connect(&mut self.tls.clone(), hostname)
+                .map_err(io::Error::other)?;
         token
             .cancel_query_raw(ClosedByServer::new(stream), tls)
             .await
             .map_err(io::Error::other)
-    }
-}
-
-/// The one address of a single-host configuration: `hostaddr` over `host`, a unix
-/// socket directory as `<dir>/.s.PGSQL.<port>`.
-fn single_route(pg: &tokio_postgres::Config) -> Option<Route> {
-    let port = match pg.get_ports() {
-        [] => 5432,
-        [port] => *port,
-        _ => return None,
-    };
-    let address = |ip: &IpAddr| Route::Address(SocketAddr::new(*ip, port));
-    match (pg.get_hosts(), pg.get_hostaddrs()) {
-        ([] | [_], [ip]) => Some(address(ip)),
-        ([Host::Tcp(name)], []) => Some(Route::Name(name.clone(), port)),
-        #[cfg(unix)]
-        ([Host::Unix(dir)], []) => Some(Route::Socket(dir.join(format!(".s.PGSQL.{port}")))),
-        _ => None,
     }
 }
 
@@ -318,7 +327,7 @@ mod tests {
     use super::*;
 
     fn route(conninfo: &str) -> Option<Route> {
-        single_route(&conninfo.parse().unwrap())
+        ServerAddress::of(&conninfo.parse().unwrap()).map(|server| server.route)
     }
 
     #[test]

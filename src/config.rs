@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub use tokio_postgres::config::ChannelBinding;
 
+use crate::connect::ServerRole;
 use crate::conninfo;
 use crate::error::{Error, ErrorKind, Result};
 use crate::tls::{RootCert, SslMode, Tls, TlsSettings};
@@ -111,7 +112,8 @@ pub(crate) struct EngineSettings {
     pub max_replica_lag: Option<Duration>,
     /// The kind of server every connection must reach, checked by the engine.
     pub server_role: ServerRole,
-    /// With a [`ServerRole`] other than `Any`: one configuration per host, in order.
+    /// With several hosts or a [`ServerRole`] other than `Any`: one configuration per
+    /// host, in order.
     pub hosts_in_order: Vec<tokio_postgres::Config>,
 }
 
@@ -564,7 +566,7 @@ impl EngineBuilder {
     pub(crate) fn into_parts(self) -> Result<(tokio_postgres::Config, EngineSettings)> {
         let builder = self.clone();
         let (pg, mut settings) = self.into_parts_as_given()?;
-        if settings.server_role != ServerRole::Any {
+        if settings.server_role != ServerRole::Any || pg.get_hosts().len() > 1 {
             settings.hosts_in_order = builder.one_per_host(&pg)?;
         }
         Ok((pg, settings))
@@ -813,33 +815,6 @@ struct UrlSettings {
 enum SessionAttrs {
     Driver(tokio_postgres::config::TargetSessionAttrs),
     Role(ServerRole),
-}
-
-/// The kind of server each connection must reach, beyond what the driver checks
-/// (libpq's `target_session_attrs=primary | standby | prefer-standby`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum ServerRole {
-    /// Whichever server answers first (or what the driver checks).
-    #[default]
-    Any,
-    /// Not in hot standby.
-    Primary,
-    /// In hot standby.
-    Standby,
-    /// A standby if one answers, else any server.
-    PreferStandby,
-}
-
-impl ServerRole {
-    /// The libpq name.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::Any => "any",
-            Self::Primary => "primary",
-            Self::Standby => "standby",
-            Self::PreferStandby => "prefer-standby",
-        }
-    }
 }
 
 impl UrlSettings {

@@ -1,51 +1,151 @@
 //! Opening a connection: through the driver, with TLS as configured, on a server of
-//! the kind `target_session_attrs` asks for.
+//! the kind `target_session_attrs` asks for, remembering which server it reached.
 //!
-//! The driver checks `any`, `read-write` and `read-only` itself. For libpq's `primary`,
-//! `standby` and `prefer-standby`, the engine tries the hosts in order, one at a time,
-//! and keeps the first session whose `pg_is_in_recovery()` fits (for `prefer-standby`:
-//! a standby, else the first server that answered).
+//! With one host, the driver connects. With several, the engine tries them itself, one
+//! at a time (in a random order with `load_balance_hosts=random`, as libpq does), so
+//! that each [`Session`] knows its server: an abandoned request is then cancelled there
+//! (see [`Canceller`](crate::cancel::Canceller)). The driver checks `any`, `read-write`
+//! and `read-only` on each host; for libpq's `primary`, `standby` and `prefer-standby`
+//! the engine keeps the first session whose `pg_is_in_recovery()` fits (for
+//! `prefer-standby`: a standby, else the first server that answered).
 
-use futures::future::BoxFuture;
-use tokio::task::JoinHandle;
+use std::ops::{Deref, DerefMut};
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use deadpool_postgres::{ClientWrapper, Connect};
+use rand::seq::SliceRandom;
+use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Config};
 
-use crate::config::{EngineSettings, ServerRole};
+use crate::cancel::ServerAddress;
 use crate::tls::Tls;
 
-/// Opens the pool's connections.
+/// The engine's pool of sessions.
+pub(crate) type Pool = managed::Pool<ServerConnector>;
+/// A session taken from the [`Pool`].
+pub(crate) type Object = managed::Object<ServerConnector>;
+/// A hook run on the pool's sessions.
+pub(crate) type Hook = managed::Hook<ServerConnector>;
+/// A [`Pool`] that does not keep it open.
+pub(crate) type WeakPool = managed::WeakPool<ServerConnector>;
+
+/// The kind of server each connection must reach, beyond what the driver checks
+/// (libpq's `target_session_attrs=primary | standby | prefer-standby`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ServerRole {
+    /// Whichever server answers first (or what the driver checks).
+    #[default]
+    Any,
+    /// Not in hot standby.
+    Primary,
+    /// In hot standby.
+    Standby,
+    /// A standby if one answers, else any server.
+    PreferStandby,
+}
+
+impl ServerRole {
+    /// The libpq name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Primary => "primary",
+            Self::Standby => "standby",
+            Self::PreferStandby => "prefer-standby",
+        }
+    }
+}
+
+/// One pooled session: the driver's client (with its statement cache) and the server
+/// it reached.
+#[derive(Debug)]
+pub(crate) struct Session {
+    client: ClientWrapper,
+    server: Option<ServerAddress>,
+}
+
+impl Session {
+    /// Where this session's server takes cancel requests; `None` when it is not known
+    /// (a host name's or `hostaddr`'s address list the driver chose from).
+    pub(crate) fn server(&self) -> Option<&ServerAddress> {
+        self.server.as_ref()
+    }
+}
+
+impl Deref for Session {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        &self.client
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut ClientWrapper {
+        &mut self.client
+    }
+}
+
+/// Opens the pool's sessions, and checks an idle one before it is reused.
 pub(crate) struct ServerConnector {
     tls: Tls,
     role: ServerRole,
-    /// With a role: one configuration per host, in the order to try them.
-    hosts: Vec<Config>,
+    /// The whole configuration, for one host.
+    pg: Config,
+    /// With several hosts: one configuration per host, in the order given.
+    hosts: Vec<(Config, Option<ServerAddress>)>,
+    shuffle: bool,
 }
 
-type Session = (Client, JoinHandle<()>);
+impl std::fmt::Debug for ServerConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConnector")
+            .field("role", &self.role)
+            .field("hosts", &self.hosts.len())
+            .finish_non_exhaustive()
+    }
+}
 
 impl ServerConnector {
-    /// The connector for an engine's settings.
-    pub(crate) fn new(settings: &EngineSettings) -> Self {
+    /// The connector for `pg`, over `tls`, to a server of `role`; `hosts` are `pg`'s
+    /// hosts each alone (empty with one host and no role to check).
+    pub(crate) fn new(pg: Config, tls: Tls, role: ServerRole, hosts: &[Config]) -> Self {
+        let hosts = hosts
+            .iter()
+            .map(|host| (host.clone(), ServerAddress::of(host)))
+            .collect();
         Self {
-            tls: settings.tls.clone(),
-            role: settings.server_role,
-            hosts: settings.hosts_in_order.clone(),
+            tls,
+            role,
+            shuffle: pg.get_load_balance_hosts() == LoadBalanceHosts::Random,
+            pg,
+            hosts,
         }
     }
 
     /// The first host's session that fits the role.
-    async fn connect_by_role(&self) -> Result<Session, tokio_postgres::Error> {
+    async fn connect_host_by_host(&self) -> Result<Session, tokio_postgres::Error> {
+        let mut order: Vec<_> = self.hosts.iter().collect();
+        if self.shuffle {
+            order.shuffle(&mut rand::rng());
+        }
         let mut last_error = None;
         let mut fallback: Option<Session> = None;
-        for host in &self.hosts {
-            let session = match deadpool_postgres::Connect::connect(&self.tls, host).await {
-                Ok(session) => session,
+        for (host, server) in order {
+            let session = match self.tls.connect(host).await {
+                Ok((client, task)) => Session {
+                    client: ClientWrapper::new(client, task),
+                    server: server.clone(),
+                },
                 Err(error) => {
                     last_error = Some(error);
                     continue;
                 }
             };
-            let standby: bool = match session.0.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            if self.role == ServerRole::Any {
+                return Ok(session);
+            }
+            let standby: bool = match session.query_one("SELECT pg_is_in_recovery()", &[]).await {
                 Ok(row) => row.get(0),
                 Err(error) => {
                     last_error = Some(error);
@@ -58,15 +158,24 @@ impl ServerConnector {
                 (ServerRole::PreferStandby, false) if fallback.is_none() => {
                     fallback = Some(session);
                 }
-                _ => last_error = Some(refuse(&session.0, self.role).await),
+                _ => last_error = Some(refuse(&session, self.role).await),
             }
         }
         match (fallback, last_error) {
             (Some(session), _) => Ok(session),
             (None, Some(error)) => Err(error),
             // Only without hosts, which `connect` never lets through.
-            (None, None) => deadpool_postgres::Connect::connect(&self.tls, &Config::new()).await,
+            (None, None) => self.connect_one(&Config::new()).await,
         }
+    }
+
+    /// A session on the one server `pg` names.
+    async fn connect_one(&self, pg: &Config) -> Result<Session, tokio_postgres::Error> {
+        let (client, task) = self.tls.connect(pg).await?;
+        Ok(Session {
+            client: ClientWrapper::new(client, task),
+            server: ServerAddress::of(pg),
+        })
     }
 }
 
@@ -88,11 +197,28 @@ async fn refuse(client: &Client, role: ServerRole) -> tokio_postgres::Error {
     }
 }
 
-impl deadpool_postgres::Connect for ServerConnector {
-    fn connect(&self, pg: &Config) -> BoxFuture<'_, Result<Session, tokio_postgres::Error>> {
-        if self.role == ServerRole::Any || self.hosts.is_empty() {
-            return deadpool_postgres::Connect::connect(&self.tls, pg);
+impl managed::Manager for ServerConnector {
+    type Type = Session;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<Session, tokio_postgres::Error> {
+        if self.hosts.is_empty() {
+            self.connect_one(&self.pg).await
+        } else {
+            self.connect_host_by_host().await
         }
-        Box::pin(self.connect_by_role())
+    }
+
+    /// A session the server closed is not reused; the engine's own checks run in the
+    /// pool's `pre_recycle` hook (see [`lifecycle`](crate::lifecycle)).
+    async fn recycle(
+        &self,
+        session: &mut Session,
+        _: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
+        if session.is_closed() {
+            return Err(RecycleError::message("the server closed the connection"));
+        }
+        Ok(())
     }
 }

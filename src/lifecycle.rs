@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, HookError, Metrics};
+use deadpool_postgres::{HookError, Metrics};
+
+use crate::connect::{Session, WeakPool};
 
 /// What is reset on a pooled connection before it is handed out again.
 ///
@@ -135,7 +137,7 @@ type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send 
 pub(crate) fn post_create(
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,
-) -> impl for<'a> Fn(&'a mut ClientWrapper, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
+) -> impl for<'a> Fn(&'a mut Session, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
     move |client, _metrics| {
         let lifecycle = lifecycle.clone();
         let counters = counters.clone();
@@ -163,7 +165,7 @@ pub(crate) fn post_create(
 pub(crate) fn pre_recycle(
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,
-) -> impl for<'a> Fn(&'a mut ClientWrapper, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
+) -> impl for<'a> Fn(&'a mut Session, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
     move |client, metrics| {
         let lifecycle = lifecycle.clone();
         let counters = counters.clone();
@@ -212,7 +214,7 @@ pub(crate) fn pre_recycle(
 /// `idle_timeout` or older than `max_lifetime` (never going below `min_connections`),
 /// then opens connections up to `min_connections`.
 pub(crate) async fn maintain(
-    pool: deadpool_postgres::WeakPool,
+    pool: WeakPool,
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,
     period: Duration,

@@ -14,16 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{
-    Hook, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status,
-    TimeoutType, Timeouts,
-};
+use deadpool_postgres::{PoolError, Runtime, Status, TimeoutType, Timeouts};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, RowStream, Statement};
 
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
-use crate::connect::ServerConnector;
+use crate::connect::{Hook, Object, Pool, ServerConnector};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::{self, Counters};
 use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
@@ -45,12 +42,11 @@ impl ConnectionPool {
             settings.connect_timeout,
             settings.tls.connector.clone(),
         ));
-        let manager = Manager::from_connect(
+        let manager = ServerConnector::new(
             pg,
-            ServerConnector::new(settings),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
+            settings.tls.clone(),
+            settings.server_role,
+            &settings.hosts_in_order,
         );
         let counters = Arc::new(Counters::default());
         let life = Arc::new(settings.lifecycle.clone());
@@ -292,7 +288,13 @@ impl Connection {
     /// it (see [`Canceller`]); `false` when that cannot be known, and the connection must
     /// not be used again.
     pub(crate) async fn cancel_unfinished_request(&self) -> bool {
-        self.canceller.cancel(&self.client().cancel_token()).await
+        let object = self
+            .object
+            .as_ref()
+            .expect("a connection holds its object until dropped");
+        (self.canceller)
+            .cancel(&object.cancel_token(), object.server())
+            .await
     }
 
     /// Marks a request as started on this connection: if the returned guard is dropped
@@ -393,7 +395,11 @@ async fn restore(
     canceller: Arc<Canceller>,
     counters: Arc<Counters>,
 ) {
-    if unfinished && !canceller.cancel(&object.cancel_token()).await {
+    if unfinished
+        && !canceller
+            .cancel(&object.cancel_token(), object.server())
+            .await
+    {
         tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
         Counters::add(&counters.closed_broken, 1);
         drop(Object::take(object));

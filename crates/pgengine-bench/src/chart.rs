@@ -125,6 +125,8 @@ fn short(system: System) -> &'static str {
         System::Piccolo => "piccolo",
         System::Pgbench => "pgbench",
         System::Copy => "COPY",
+        System::PgengineReplica => "pgengine→replica",
+        System::PgengineBoth => "pgengine→both",
     }
 }
 
@@ -137,6 +139,8 @@ fn color(system: System) -> RGBColor {
         System::Piccolo => RGBColor(148, 103, 189),
         System::Pgbench => RGBColor(127, 127, 127),
         System::Copy => RGBColor(23, 190, 207),
+        System::PgengineReplica => RGBColor(240, 120, 120),
+        System::PgengineBoth => RGBColor(160, 20, 20),
     }
 }
 

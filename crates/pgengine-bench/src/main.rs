@@ -129,7 +129,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     });
 
-    let server = Server::start().await?;
+    let mut server = Server::start().await?;
     let info = server.describe().await?;
     eprintln!("server: PostgreSQL {} ({})", info.version, info.origin);
     let mut streams = vec![(STREAM_TABLE, plan.stream_rows)];
@@ -149,12 +149,22 @@ async fn run(cli: Cli) -> Result<()> {
         eprintln!("piccolo skipped: {reason}");
     }
 
+    let replica = if plan.workloads.contains(&Workload::ReplicaReads) {
+        server.start_replica().await
+    } else {
+        Err("not selected".into())
+    };
+    if let Err(reason) = &replica {
+        eprintln!("replica skipped: {reason}");
+    }
+
     let runner = Runner::new(
         plan.clone(),
         server.url.clone(),
         server.bin_dir.clone(),
         out.clone(),
         piccolo,
+        replica,
     )
     .await?;
     let outcomes = runner.run().await;

@@ -347,6 +347,21 @@ impl Report {
                  in workload 2; repeated runs put pgengine within a few percent of deadpool and \
                  tokio-postgres here, single runs swing by 10–25%."
             }
+            Workload::ReplicaReads => {
+                "Workload 1's point selects at c=32, three ways: pgengine on the primary \
+                 alone; through `engine.replica()` with a hot standby (a `pg_basebackup` of the \
+                 loaded primary, streaming) as its read replica; and with the primary and the \
+                 standby both listed as read replicas, taken in turn. Every call picks its \
+                 server: `engine.replica()` takes a connection from the chosen replica's pool \
+                 to be sure it answers, then the query takes one again (the same, now idle). \
+                 Here the primary, the standby and the client share the same 2 cores and the \
+                 workload is CPU-bound, so a second server adds backends but no CPU: routing \
+                 cannot raise throughput, and the rows show what the routing itself costs. \
+                 On separate hosts each server has cores of its own: reads spread over primary \
+                 + replica would approach twice the primary's rate (until the client's cores \
+                 are the limit), and reads sent only to the replica leave the primary's CPU \
+                 to the writes."
+            }
         };
         if figures.is_empty() {
             text.into()

@@ -70,6 +70,8 @@ pub struct Runner {
     pub bin_dir: PathBuf,
     pub scratch: PathBuf,
     pub piccolo: Result<Piccolo, String>,
+    /// A hot standby of the server, or why there is none.
+    pub replica: Result<String, String>,
     proxy: DelayProxy,
     proxy_url: String,
 }
@@ -81,6 +83,7 @@ impl Runner {
         bin_dir: PathBuf,
         scratch: PathBuf,
         piccolo: Result<Piccolo, String>,
+        replica: Result<String, String>,
     ) -> Result<Self> {
         let proxy = DelayProxy::start(server_addr(&url)?, PROXY_DELAY).await?;
         let proxy_url = with_addr(&url, proxy.addr())?;
@@ -90,6 +93,7 @@ impl Runner {
             bin_dir,
             scratch,
             piccolo,
+            replica,
             proxy,
             proxy_url,
         })
@@ -154,6 +158,7 @@ impl Runner {
                 Some("built without the `pgengine` feature".into())
             }
             System::Piccolo => self.piccolo.as_ref().err().cloned(),
+            System::PgengineReplica | System::PgengineBoth => self.replica.as_ref().err().cloned(),
             _ => None,
         }
     }
@@ -228,6 +233,27 @@ impl Runner {
                 let engine = engine(url, clients).await?;
                 let result = closed_loop(
                     handles(clients, || PgengineSession(engine.clone())),
+                    timing,
+                    op,
+                )
+                .await;
+                engine.close_connection_pool().await;
+                result?
+            }
+            #[cfg(feature = "pgengine")]
+            System::PgengineReplica | System::PgengineBoth => {
+                use crate::systems::pgengine::{ReplicaReader, engine_with_replicas};
+                let standby = self
+                    .replica
+                    .as_deref()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let replicas = match system {
+                    System::PgengineReplica => vec![standby],
+                    _ => vec![url, standby],
+                };
+                let engine = engine_with_replicas(url, &replicas, clients).await?;
+                let result = closed_loop(
+                    handles(clients, || ReplicaReader(engine.clone())),
                     timing,
                     op,
                 )

@@ -33,7 +33,10 @@ pub struct Server {
     pub bin_dir: PathBuf,
     /// Where the server came from, for the report.
     pub origin: String,
-    _cluster: Option<EphemeralCluster>,
+    /// The ephemeral cluster, stopped when the server is dropped.
+    cluster: Option<EphemeralCluster>,
+    /// A hot standby of `cluster`, when a workload reads from one.
+    _replica: Option<EphemeralCluster>,
 }
 
 impl Server {
@@ -45,7 +48,8 @@ impl Server {
                 url,
                 bin_dir,
                 origin: "DATABASE_URL".into(),
-                _cluster: None,
+                cluster: None,
+                _replica: None,
             });
         }
         let cluster = tokio::task::spawn_blocking(|| {
@@ -60,8 +64,29 @@ impl Server {
             url: cluster.url(),
             bin_dir: cluster.bin_dir().to_path_buf(),
             origin: "ephemeral cluster (pgengine-testing)".into(),
-            _cluster: Some(cluster),
+            cluster: Some(cluster),
+            _replica: None,
         })
+    }
+
+    /// Starts a hot standby of the ephemeral cluster (a base backup of what it holds
+    /// now, streaming) and returns its URL; an error saying why there is none with
+    /// `DATABASE_URL`.
+    pub async fn start_replica(&mut self) -> Result<String, String> {
+        let Some(primary) = self.cluster.take() else {
+            return Err("no replica of a DATABASE_URL server".into());
+        };
+        let (primary, standby) = tokio::task::spawn_blocking(move || {
+            let standby = primary.standby();
+            (primary, standby)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.cluster = Some(primary);
+        let standby = standby.map_err(|e| format!("could not start a standby: {e}"))?;
+        let url = standby.url();
+        self._replica = Some(standby);
+        Ok(url)
     }
 
     /// The server's version and the settings that matter for the figures.

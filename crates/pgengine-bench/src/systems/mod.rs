@@ -31,11 +31,17 @@ pub enum System {
     Pgbench,
     /// `COPY … TO STDOUT (FORMAT binary)` through tokio-postgres: the streaming ceiling.
     Copy,
+    /// pgengine reading through `engine.replica()`, with a hot standby as its read
+    /// replica.
+    PgengineReplica,
+    /// pgengine reading through `engine.replica()`, with the primary and the standby
+    /// as read replicas, round-robin.
+    PgengineBoth,
 }
 
 impl System {
     /// Every system, in report order (pgengine first: the others are compared to it).
-    pub const ALL: [System; 7] = [
+    pub const ALL: [System; 9] = [
         System::Pgengine,
         System::TokioPostgres,
         System::Deadpool,
@@ -43,6 +49,8 @@ impl System {
         System::Piccolo,
         System::Pgbench,
         System::Copy,
+        System::PgengineReplica,
+        System::PgengineBoth,
     ];
 
     /// Display name.
@@ -55,6 +63,8 @@ impl System {
             System::Piccolo => "piccolo (asyncpg)",
             System::Pgbench => "pgbench",
             System::Copy => "COPY binary",
+            System::PgengineReplica => "pgengine, reads on the replica",
+            System::PgengineBoth => "pgengine, reads on primary + replica",
         }
     }
 
@@ -68,7 +78,14 @@ impl System {
 
     /// Whether the system can express the workload at all.
     pub fn supports(self, workload: Workload) -> bool {
+        if workload == Workload::ReplicaReads {
+            return matches!(
+                self,
+                System::Pgengine | System::PgengineReplica | System::PgengineBoth
+            );
+        }
         match self {
+            System::PgengineReplica | System::PgengineBoth => false,
             System::Pgbench => matches!(
                 workload,
                 Workload::PointSelect1

@@ -19,6 +19,47 @@ pub async fn engine(url: &str, size: usize) -> Result<Arc<PostgresEngine>> {
     Ok(Arc::new(engine))
 }
 
+/// An engine with a pool of `size` connections on `url`, and `replicas` as its read
+/// replicas (a pool of `size` each), every pool started.
+pub async fn engine_with_replicas(
+    url: &str,
+    replicas: &[&str],
+    size: usize,
+) -> Result<Arc<PostgresEngine>> {
+    let engine = replicas
+        .iter()
+        .fold(PostgresEngine::builder().url(url), |builder, replica| {
+            builder.read_replica(replica)
+        })
+        .max_connections(size)
+        .build()
+        .await?;
+    engine.start_connection_pool().await?;
+    Ok(Arc::new(engine))
+}
+
+/// A handle on the shared engine whose point selects go through `engine.replica()`.
+pub struct ReplicaReader(pub Arc<PostgresEngine>);
+
+impl Session for ReplicaReader {
+    async fn call(&mut self, call: Call) -> Result<()> {
+        let Call::PointSelect { aid } = call else {
+            anyhow::bail!("reads on a replica are point selects only");
+        };
+        let row = self
+            .0
+            .replica()
+            .await
+            .fetch_one(sql!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+                aid
+            ))
+            .await?;
+        let _: i32 = row.try_get(0)?;
+        Ok(())
+    }
+}
+
 /// A handle on the shared engine.
 pub struct PgengineSession(pub Arc<PostgresEngine>);
 

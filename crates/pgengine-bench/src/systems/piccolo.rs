@@ -71,7 +71,9 @@ impl Piccolo {
             Workload::Tpcb => "tpcb",
             Workload::Atomic | Workload::AtomicProxy => "atomic",
             Workload::EmptyTx => "empty_tx",
-            Workload::Stream | Workload::StreamBig => bail!("not a closed-loop workload"),
+            Workload::Stream | Workload::StreamBig | Workload::ReplicaReads => {
+                bail!("not a workload Piccolo runs here")
+            }
         };
         let out: Output = self
             .run(&[

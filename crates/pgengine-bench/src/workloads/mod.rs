@@ -23,11 +23,14 @@ pub enum Workload {
     StreamBig,
     /// `BEGIN; COMMIT;`, 16 concurrent clients.
     EmptyTx,
+    /// Point selects at c=32 on the primary alone, and read through the engine's
+    /// replica routing with a hot standby.
+    ReplicaReads,
 }
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::PointSelect1,
         Workload::PointSelect32,
         Workload::Tpcb,
@@ -36,6 +39,7 @@ impl Workload {
         Workload::Stream,
         Workload::StreamBig,
         Workload::EmptyTx,
+        Workload::ReplicaReads,
     ];
 
     /// Short machine-friendly name (JSON, chart, Piccolo script).
@@ -49,6 +53,7 @@ impl Workload {
             Workload::Stream => "stream",
             Workload::StreamBig => "stream_big",
             Workload::EmptyTx => "empty_tx_c16",
+            Workload::ReplicaReads => "replica_reads_c32",
         }
     }
 
@@ -63,13 +68,14 @@ impl Workload {
             Workload::Stream => "4. batch streaming",
             Workload::StreamBig => "4. batch streaming, big table",
             Workload::EmptyTx => "5. empty transaction, c=16",
+            Workload::ReplicaReads => "6. point select, c=32, with a read replica",
         }
     }
 
     /// Concurrent clients.
     pub fn concurrency(self) -> usize {
         match self {
-            Workload::PointSelect32 => 32,
+            Workload::PointSelect32 | Workload::ReplicaReads => 32,
             Workload::Tpcb | Workload::EmptyTx => 16,
             _ => 1,
         }
@@ -78,7 +84,9 @@ impl Workload {
     /// What one unit of throughput is.
     pub fn unit(self) -> &'static str {
         match self {
-            Workload::PointSelect1 | Workload::PointSelect32 => "queries/s",
+            Workload::PointSelect1 | Workload::PointSelect32 | Workload::ReplicaReads => {
+                "queries/s"
+            }
             Workload::Tpcb | Workload::EmptyTx => "tx/s",
             Workload::Atomic | Workload::AtomicProxy => "atomics/s",
             Workload::Stream | Workload::StreamBig => "rows/s",
@@ -93,7 +101,9 @@ impl Workload {
     /// The operation of a closed-loop workload (`None` for streaming).
     pub fn op(self, accounts: i32) -> Option<Op> {
         match self {
-            Workload::PointSelect1 | Workload::PointSelect32 => Some(Op::PointSelect { accounts }),
+            Workload::PointSelect1 | Workload::PointSelect32 | Workload::ReplicaReads => {
+                Some(Op::PointSelect { accounts })
+            }
             Workload::Tpcb => Some(Op::Tpcb { accounts }),
             Workload::Atomic | Workload::AtomicProxy => Some(Op::Atomic),
             Workload::EmptyTx => Some(Op::EmptyTx),

@@ -8,9 +8,12 @@ use std::task::{Context, Poll, ready};
 use futures::Stream;
 use tokio_postgres::{Row, RowStream};
 
+use tracing::{Instrument, Span};
+
 use crate::error::{Error, Result};
 use crate::query::{CompiledQuery, Query};
 use crate::runner::{Runner, compile};
+use crate::telemetry;
 
 /// The largest `batch_size` (a larger one is an `InvalidInput` error): far more rows than
 /// fit in memory at once, and the most one `FETCH` returns.
@@ -70,6 +73,10 @@ struct Source {
     batch_size: usize,
     read_ahead: Option<Row>,
     finished: bool,
+    /// Rows handed out so far.
+    returned: u64,
+    /// The batch's span, closed when the source is dropped.
+    span: Span,
 }
 
 enum Rows {
@@ -100,14 +107,32 @@ impl AsyncBatch {
             )));
         };
         let statement = compile(statement)?;
-        let runner = runner.await?;
-        let rows = match runner.transaction() {
-            Some(tx) => {
-                let name = tx.next_cursor_name();
-                declare_cursor(&runner, &name, &statement).await?;
-                Rows::Cursor { name }
+        let mut runner = runner.await?;
+        let span =
+            runner
+                .context()
+                .log
+                .telemetry()
+                .batch_span(statement.sql(), batch_size, runner.span());
+        runner.set_span(span.clone());
+        let opened = async {
+            match runner.transaction() {
+                Some(tx) => {
+                    let name = tx.next_cursor_name();
+                    declare_cursor(&runner, &name, &statement).await?;
+                    Ok(Rows::Cursor { name })
+                }
+                None => Ok(Rows::Streamed(Box::pin(
+                    runner.open_portal(&statement).await?,
+                ))),
             }
-            None => Rows::Streamed(Box::pin(runner.open_portal(&statement).await?)),
+        };
+        let rows = match opened.instrument(span.clone()).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                telemetry::record_error(&span, &error);
+                return Err(error);
+            }
         };
         Ok(Self {
             source: Some(Box::new(Source {
@@ -116,6 +141,8 @@ impl AsyncBatch {
                 batch_size,
                 read_ahead: None,
                 finished: false,
+                returned: 0,
+                span,
             })),
             in_flight: None,
         })
@@ -143,7 +170,8 @@ impl AsyncBatch {
                 return Poll::Ready(Ok(None));
             };
             self.in_flight = Some(Box::pin(async move {
-                let batch = source.next_batch().await;
+                let span = source.span.clone();
+                let batch = source.next_batch().instrument(span).await;
                 (source, batch)
             }));
         }
@@ -201,14 +229,20 @@ impl Source {
             Ok(ended) => ended,
             Err(error) => {
                 self.finished = true;
+                telemetry::record_error(&self.span, &error);
                 return Err(error);
             }
         };
         if batch.len() > self.batch_size {
             self.read_ahead = batch.pop();
         }
+        self.returned += batch.len() as u64;
         if ended {
-            self.close().await?;
+            self.span.record("db.response.returned_rows", self.returned);
+            if let Err(error) = self.close().await {
+                telemetry::record_error(&self.span, &error);
+                return Err(error);
+            }
         }
         Ok((!batch.is_empty()).then_some(batch))
     }

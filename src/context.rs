@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::pool::{Connection, ConnectionPool};
 use crate::query_log::QueryLog;
 use crate::routing::ReadRouting;
+use crate::telemetry::Telemetry;
 
 /// What every clone of an engine shares.
 pub(crate) struct EngineContext {
@@ -67,7 +68,7 @@ impl EngineContext {
             id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,
             sync_pool,
-            log: QueryLog::new(&settings),
+            log: QueryLog::new(&settings, Telemetry::new(&pg)),
             routing: ReadRouting::new(settings.replica_policy, settings.max_replica_lag, 0),
             settings,
             pg,
@@ -113,7 +114,7 @@ impl EngineContext {
                 .await
                 .map_err(Error::from)
         });
-        let result = self.log.observe(sql, &[], request, |_| None).await;
+        let result = self.log.observe(sql, &[], None, request, |_| None).await;
         if result.is_ok() {
             connection.ran_statements(sql);
         }

@@ -53,6 +53,7 @@ mod cancel;
 mod connect;
 mod pool;
 mod routing;
+mod telemetry;
 // 3. The engine's shared context; a transaction's state; the runner that sends
 //    statements (alone, pipelined, as portals) and records how they ended.
 mod context;

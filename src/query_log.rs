@@ -1,14 +1,16 @@
 //! The query log (target `pgengine::query`): what each request sent, how long it took,
-//! how it ended; slow queries; and the rule that keeps argument values out of it unless
-//! asked for.
+//! how it ended; slow queries; the rule that keeps argument values out of it unless
+//! asked for; and each request's span (see [`telemetry`](crate::telemetry)).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
+use tracing::Span;
 
 use crate::config::EngineSettings;
 use crate::error::{Error, Result};
+use crate::telemetry::{self, Telemetry};
 
 /// What an engine logs about its requests, and the numbering of its queries.
 pub(crate) struct QueryLog {
@@ -17,12 +19,15 @@ pub(crate) struct QueryLog {
     log_arguments: bool,
     slow_query_threshold: Option<Duration>,
     query_ids: AtomicU64,
+    telemetry: Telemetry,
 }
 
 impl QueryLog {
-    /// The log as the engine's settings ask for it.
-    pub(crate) fn new(settings: &EngineSettings) -> Self {
+    /// The log as the engine's settings ask for it, with spans that say `telemetry`'s
+    /// server.
+    pub(crate) fn new(settings: &EngineSettings, telemetry: Telemetry) -> Self {
         Self {
+            telemetry,
             log_queries: settings.log_queries,
             log_responses: settings.log_responses,
             log_arguments: settings.log_arguments,
@@ -31,20 +36,32 @@ impl QueryLog {
         }
     }
 
-    /// Starts watching one request, or `None` when nothing is logged (the common case
-    /// costs one check).
+    /// The engine's span fields.
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Starts watching one request, its span a child of `parent` (else of the current
+    /// span), or `None` when nothing is logged and no span wanted (the common case costs
+    /// two checks).
     pub(crate) fn watch<'a>(
         &'a self,
         sql: &'a str,
         params: &'a [&'a (dyn ToSql + Sync)],
+        parent: Option<&Span>,
     ) -> Option<Watch<'a>> {
-        let watched = self.log_queries || self.log_responses || self.slow_query_threshold.is_some();
+        let span = self.telemetry.query_span(sql, parent);
+        let watched = self.log_queries
+            || self.log_responses
+            || self.slow_query_threshold.is_some()
+            || !span.is_disabled();
         watched.then(|| Watch {
             log: self,
             sql,
             params,
             query_id: self.query_ids.fetch_add(1, Ordering::Relaxed),
             started: Instant::now(),
+            span,
         })
     }
 
@@ -54,10 +71,11 @@ impl QueryLog {
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
+        parent: Option<&Span>,
         request: impl Future<Output = Result<T>>,
         row_count: impl Fn(&T) -> Option<usize>,
     ) -> Result<T> {
-        let watch = self.watch(sql, params);
+        let watch = self.watch(sql, params, parent);
         let result = request.await;
         if let Some(watch) = watch {
             watch.report(&result, row_count);
@@ -74,6 +92,8 @@ pub(crate) struct Watch<'a> {
     params: &'a [&'a (dyn ToSql + Sync)],
     query_id: u64,
     started: Instant,
+    /// Closed when the watch is dropped (the request answered or abandoned).
+    span: Span,
 }
 
 impl Watch<'_> {
@@ -85,9 +105,13 @@ impl Watch<'_> {
             params,
             query_id,
             started,
+            span,
         } = self;
         let elapsed = started.elapsed();
         let duration_us = elapsed.as_micros() as u64;
+        if let Err(error) = result {
+            telemetry::record_error(&span, error);
+        }
         let error = result
             .as_ref()
             .err()

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::sync::MutexGuard;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, RowStream, Statement};
+use tracing::{Instrument, Span};
 
 use crate::context::EngineContext;
 use crate::error::{Error, Result};
@@ -75,6 +76,8 @@ pub struct Runner {
     context: Arc<EngineContext>,
     connection: Lent,
     transaction: Option<Arc<TxShared>>,
+    /// The span its requests' spans are children of, when not the transaction's.
+    span: Option<Span>,
 }
 
 // A runner lives on the stack for one operation; boxing the pooled connection would
@@ -156,6 +159,7 @@ impl Runner {
             context,
             connection: Lent::Pooled(connection),
             transaction: None,
+            span: None,
         }
     }
 
@@ -165,6 +169,7 @@ impl Runner {
             context: transaction.context().clone(),
             connection: Lent::Shared(transaction.active_connection()?),
             transaction: Some(transaction.clone()),
+            span: None,
         })
     }
 
@@ -183,6 +188,19 @@ impl Runner {
 
     pub(crate) fn context(&self) -> &EngineContext {
         &self.context
+    }
+
+    /// Makes `span` the parent of the spans of the runner's requests.
+    pub(crate) fn set_span(&mut self, span: Span) {
+        self.span = Some(span);
+    }
+
+    /// The parent of the spans of the runner's requests: its own, else its
+    /// transaction's, else (`None`) the current span.
+    pub(crate) fn span(&self) -> Option<&Span> {
+        self.span
+            .as_ref()
+            .or_else(|| self.transaction.as_ref().map(|tx| tx.span()))
     }
 
     /// The transaction this runner runs in, if any.
@@ -255,7 +273,9 @@ impl Runner {
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
         let _permit = self.admit().await?;
         let turn = self.turn().await;
-        let result = sent_in_turn(turn, self.context.run_simple(self.connection(), sql)).await;
+        let span = self.span().cloned().unwrap_or_else(Span::none);
+        let request = self.context.run_simple(self.connection(), sql);
+        let result = sent_in_turn(turn, request.instrument(span)).await;
         self.noted(result)
     }
 
@@ -274,7 +294,7 @@ impl Runner {
     async fn prepared<A: Answer>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<A> {
         let result = async {
             let _permit = self.admit().await?;
-            let watch = self.context.log.watch(sql, params);
+            let watch = self.context.log.watch(sql, params, self.span());
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
             request.answered(&result);
@@ -362,7 +382,7 @@ impl Runner {
             let observed = self
                 .context
                 .log
-                .observe(sql, &[], request, |rows| Some(rows.len()));
+                .observe(sql, &[], self.span(), request, |rows| Some(rows.len()));
             sent_in_turn(self.turn().await, observed).await
         }
         .await;

@@ -319,7 +319,7 @@ where
     runner
         .context()
         .log
-        .observe(sql, params, request, |outcome| {
+        .observe(sql, params, runner.span(), request, |outcome| {
             Some(outcome.count() as usize)
         })
         .await

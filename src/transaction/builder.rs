@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use super::ambient;
 use super::handle::PostgresTransaction;
@@ -269,7 +270,7 @@ impl TransactionBuilder {
     pub async fn begin(self) -> Result<PostgresTransaction> {
         match ambient::current_scope(self.context.id) {
             Some(outer) => self.enter_nested(outer, Wait::Refuse).await,
-            None => self.begin_outermost().await,
+            None => self.begin_outermost(1).await,
         }
     }
 
@@ -347,12 +348,14 @@ impl TransactionBuilder {
         let engine_id = self.context.id;
         let mut attempt = 1;
         loop {
-            let tx = self.begin_outermost().await?;
+            let tx = self.begin_outermost(attempt).await?;
             // Boxed: the body's future is large, and this one would copy it whole at
             // each move; a box is moved as a pointer.
             let body = start_body(&mut body, &tx);
             let scope = ambient::Scope::new(tx.shared().clone());
-            let outcome = ambient::scope(engine_id, scope, body).await;
+            let outcome = ambient::scope(engine_id, scope, body)
+                .instrument(tx.shared().span().clone())
+                .await;
             let retryable = match outcome {
                 Err(panic) => {
                     let _ = tx.finish_if_active(Finish::Rollback).await;
@@ -492,7 +495,9 @@ impl TransactionBuilder {
         }
     }
 
-    async fn begin_outermost(&self) -> Result<PostgresTransaction> {
+    /// Begins a transaction (the `attempt`th of a retried one) on a connection of its
+    /// own.
+    async fn begin_outermost(&self, attempt: u32) -> Result<PostgresTransaction> {
         // Read-only work goes to a read replica when one is fit.
         let routed = match self.read_only {
             Some(true) => self.context.replica_for_reads().await,
@@ -503,12 +508,22 @@ impl TransactionBuilder {
             None => (self.context.clone(), self.context.pool.get().await?),
         };
         let context = &context;
+        let span = context.log.telemetry().transaction_span(attempt);
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
-        context.run_simple(&connection, &self.begin_sql()).await?;
+        let begun = context
+            .run_simple(&connection, &self.begin_sql())
+            .instrument(span.clone())
+            .await;
+        if let Err(error) = &begun {
+            span.record("db.transaction.outcome", "rollback");
+            crate::telemetry::record_error(&span, error);
+        }
+        begun?;
         Ok(PostgresTransaction::outermost(Arc::new(TxShared::new(
             context.clone(),
             connection,
+            span,
         ))))
     }
 

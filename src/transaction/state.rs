@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{RwLock, RwLockReadGuard};
+use tracing::Instrument;
+use tracing::Span;
 
 use crate::context::{EngineContext, Finish};
 use crate::error::{DatabaseError, Error, ErrorKind, Result};
@@ -29,6 +31,9 @@ pub(crate) struct TxShared {
     turn: tokio::sync::Mutex<()>,
     savepoint_ids: AtomicU32,
     cursor_ids: AtomicU32,
+    /// The transaction's span (see [`telemetry`](crate::telemetry)), closed when the
+    /// last handle goes.
+    span: Span,
 }
 
 struct TxState {
@@ -61,9 +66,10 @@ pub(crate) enum Phase {
 pub(crate) type RequestPermit<'a> = RwLockReadGuard<'a, ()>;
 
 impl TxShared {
-    /// The state of a transaction just begun on `connection`.
-    pub(crate) fn new(context: Arc<EngineContext>, connection: Connection) -> Self {
+    /// The state of a transaction just begun on `connection`, traced by `span`.
+    pub(crate) fn new(context: Arc<EngineContext>, connection: Connection, span: Span) -> Self {
         Self {
+            span,
             context,
             state: Mutex::new(TxState {
                 connection: Some(Arc::new(connection)),
@@ -99,6 +105,11 @@ impl TxShared {
             (Some(connection), Phase::Active) => Ok(connection.clone()),
             (_, phase) => Err(finished_error(phase)),
         }
+    }
+
+    /// The transaction's span: its requests' spans are its children.
+    pub(crate) fn span(&self) -> &Span {
+        &self.span
     }
 
     /// Where the transaction is in its life.
@@ -189,7 +200,11 @@ impl TxShared {
                 (_, phase) => return Err(finished_error(phase)),
             }
         };
-        let result = self.context.run_simple(&connection, sql).await;
+        let result = self
+            .context
+            .run_simple(&connection, sql)
+            .instrument(self.span.clone())
+            .await;
         if let Err(error) = &result {
             self.note_failure(error);
         }
@@ -221,7 +236,19 @@ impl TxShared {
             let cause = state.aborted.first().map(|(cause, _)| cause.clone());
             (connection, cause.or(abandoned))
         };
-        let result = self.send_end(&connection, finish, aborted_by).await;
+        let result = self
+            .send_end(&connection, finish, aborted_by)
+            .instrument(self.span.clone())
+            .await;
+        let outcome = match (finish, &result) {
+            (Finish::Commit, Ok(())) => "commit",
+            (Finish::Commit, Err(error)) if error.is_outcome_unknown() => "unknown",
+            _ => "rollback",
+        };
+        self.span.record("db.transaction.outcome", outcome);
+        if let Err(error) = &result {
+            crate::telemetry::record_error(&self.span, error);
+        }
         let mut state = self.lock();
         state.phase = match (finish, &result) {
             (Finish::Commit, Ok(())) => Phase::Committed,
@@ -335,6 +362,7 @@ impl TxShared {
     pub(crate) fn abandon(&self) {
         let mut state = self.lock();
         if state.phase == Phase::Active {
+            self.span.record("db.transaction.outcome", "rollback");
             state.phase = Phase::RolledBack;
             state.connection = None;
         }

@@ -194,3 +194,118 @@ pub fn capture_events() -> (Arc<Mutex<Vec<Event>>>, tracing::subscriber::Default
     let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
     (events, tracing::subscriber::set_default(subscriber))
 }
+
+/// A `tracing` span seen by [`capture_spans`]: its name, target, fields (values as
+/// their `Debug` text, quotes removed), its parent's index in the list, and whether it
+/// was closed.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub name: String,
+    pub target: String,
+    pub fields: std::collections::BTreeMap<String, String>,
+    pub parent: Option<usize>,
+    pub closed: bool,
+}
+
+impl SpanRecord {
+    /// The field's value, if it was recorded.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+}
+
+thread_local! {
+    /// Where [`capture_spans`] puts this thread's spans.
+    static SPAN_SINK: std::cell::RefCell<Option<SpanList>> = const { std::cell::RefCell::new(None) };
+}
+
+type SpanList = Arc<Mutex<Vec<SpanRecord>>>;
+
+/// Stops [`capture_spans`] on this thread when dropped.
+pub struct SpanCapture;
+
+impl Drop for SpanCapture {
+    fn drop(&mut self) {
+        SPAN_SINK.with(|sink| *sink.borrow_mut() = None);
+    }
+}
+
+/// Collects the `tracing` spans opened on this thread, in order, until the guard is
+/// dropped.
+///
+/// One global subscriber routes each span to its thread's list. (A per-thread
+/// `set_default` subscriber, as [`capture_events`] uses, can miss spans while tests
+/// run in parallel: a callsite's interest is cached for all threads.)
+pub fn capture_spans() -> (SpanList, SpanCapture) {
+    use tracing::span::{Attributes, Id, Record};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    struct Capture;
+    /// The list a span went to, and its index there.
+    struct Entry(SpanList, usize);
+    struct Fields<'a>(&'a mut std::collections::BTreeMap<String, String>);
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(
+                field.name().to_owned(),
+                format!("{value:?}").replace('"', ""),
+            );
+        }
+    }
+    impl<S> tracing_subscriber::Layer<S> for Capture
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            let Some(list) = SPAN_SINK.with(|sink| sink.borrow().clone()) else {
+                return;
+            };
+            let span = ctx.span(id).expect("a new span is registered");
+            let parent = span.parent().and_then(|parent| {
+                parent
+                    .extensions()
+                    .get::<Entry>()
+                    .filter(|entry| Arc::ptr_eq(&entry.0, &list))
+                    .map(|entry| entry.1)
+            });
+            let mut fields = std::collections::BTreeMap::new();
+            attrs.record(&mut Fields(&mut fields));
+            let index = {
+                let mut spans = list.lock().unwrap();
+                spans.push(SpanRecord {
+                    name: attrs.metadata().name().to_owned(),
+                    target: attrs.metadata().target().to_owned(),
+                    fields,
+                    parent,
+                    closed: false,
+                });
+                spans.len() - 1
+            };
+            span.extensions_mut().insert(Entry(list, index));
+        }
+
+        fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+            let span = ctx.span(id).expect("a recorded span is registered");
+            if let Some(Entry(list, index)) = span.extensions().get::<Entry>() {
+                values.record(&mut Fields(&mut list.lock().unwrap()[*index].fields));
+            }
+        }
+
+        fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+            let span = ctx.span(&id).expect("a closed span is registered");
+            if let Some(Entry(list, index)) = span.extensions().get::<Entry>() {
+                list.lock().unwrap()[*index].closed = true;
+            }
+        }
+    }
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture))
+            .expect("no other global subscriber");
+    });
+    tracing::callsite::rebuild_interest_cache();
+    let spans: SpanList = Arc::default();
+    SPAN_SINK.with(|sink| *sink.borrow_mut() = Some(spans.clone()));
+    (spans, SpanCapture)
+}

@@ -23,6 +23,7 @@ mod replication;
 mod security;
 mod smoke;
 mod statement_cache;
+mod telemetry;
 mod test_support;
 mod tls;
 mod transactions;

@@ -298,6 +298,57 @@ impl PostgresEngine {
         row.try_get::<_, String>(0).map_err(Error::from)?.parse()
     }
 
+    /// Runs `f` with the driver's [`Client`](tokio_postgres::Client) on a pooled
+    /// connection: the way down for what the engine does not cover, such as refinery's
+    /// migrations or code generated for tokio-postgres. The engine keeps the
+    /// connection's hygiene: the statement caches are renewed afterwards (`f` may have
+    /// changed the schema), a transaction `f` left open is rolled back before the
+    /// connection is reused, and dropped half-way, `f`'s request is cancelled.
+    ///
+    /// Inside the engine's ambient transaction it is a
+    /// [`Transaction`](ErrorKind::Transaction) error (`f` would run outside that
+    /// transaction): use [`PostgresTransaction::with_client`] there.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// let names = engine
+    ///     .with_client(|client| Box::pin(async move {
+    ///         let rows = client.query("SELECT name FROM band ORDER BY name", &[]).await?;
+    ///         Ok::<_, pgengine::Error>(rows.iter().map(|row| row.get(0)).collect::<Vec<String>>())
+    ///     }))
+    ///     .await?;
+    /// assert_eq!(names, ["Pythonistas", "Rustaceans"]);
+    /// # Ok(()) });
+    /// ```
+    ///
+    /// refinery's migrations take the client as it is:
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    /// // Or `refinery::embed_migrations!("migrations")` and `migrations::runner()`.
+    /// let migrations = [refinery::Migration::unapplied("V1__venue", "CREATE TABLE venue (name text)").unwrap()];
+    /// let report = engine
+    ///     .with_client(|client| Box::pin(async move {
+    ///         Ok::<_, BoxError>(refinery::Runner::new(&migrations).run_async(client).await?)
+    ///     }))
+    ///     .await
+    ///     .expect("migrations");
+    /// assert_eq!(report.applied_migrations().len(), 1);
+    /// engine.execute("INSERT INTO venue (name) VALUES ('Hall')").await?;
+    /// # Ok(()) });
+    /// ```
+    pub async fn with_client<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        F: for<'c> FnOnce(
+            &'c mut tokio_postgres::Client,
+        ) -> futures::future::BoxFuture<'c, std::result::Result<T, E>>,
+        E: From<Error>,
+    {
+        sealed::Sealed::runner(self).await?.with_client_mut(f).await
+    }
+
     /// Creates each configured extension that is missing (`CREATE EXTENSION IF NOT
     /// EXISTS`). Lacking the privilege to do so is a `WARN`, not an error.
     ///

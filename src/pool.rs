@@ -186,6 +186,14 @@ impl Connection {
             .expect("a connection holds its object until dropped")
     }
 
+    /// The driver's client, for code that needs it exclusively (see
+    /// [`Runner::with_client_mut`](crate::runner::Runner)).
+    pub(crate) fn client_mut(&mut self) -> &mut tokio_postgres::Client {
+        self.object
+            .as_mut()
+            .expect("a connection holds its object until dropped")
+    }
+
     /// Whether statements are prepared and cached (else sent unnamed).
     pub(crate) fn caches_statements(&self) -> bool {
         self.statements.caches_statements()
@@ -264,7 +272,9 @@ impl Connection {
         }
     }
 
-    fn schema_may_have_changed(&self) {
+    /// The schema may have changed where the engine could not see it: every statement
+    /// cache of the pool is renewed now, and again when the open transaction ends.
+    pub(crate) fn schema_may_have_changed(&self) {
         self.statements.schema_changed();
         if self.in_transaction.load(Ordering::Acquire) {
             self.schema_changed_in_transaction

@@ -8,6 +8,7 @@
 //! and the transaction aborted (so a later `COMMIT` is refused). That recording step is
 //! private to this module and its children; nothing else can send without it.
 
+mod client;
 mod copy;
 mod pipeline;
 

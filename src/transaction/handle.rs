@@ -102,6 +102,34 @@ impl PostgresTransaction {
         matches!(self.role, Role::Savepoint { .. })
     }
 
+    /// Runs `f` with the driver's [`Client`](tokio_postgres::Client) of this
+    /// transaction's connection, its other requests waiting until `f` is done: the way
+    /// down for code written for tokio-postgres (code generated for its
+    /// `GenericClient`, say). The client is shared, so it cannot begin a transaction of
+    /// its own; `f` must not end this one. The statement caches are renewed afterwards
+    /// (`f` may have changed the schema).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// let tx = engine.begin().await?;
+    /// tx.with_client(|client| Box::pin(async move {
+    ///     client.execute("INSERT INTO band (name, popularity) VALUES ($1, $2)", &[&"Gophers", &3000]).await?;
+    ///     Ok::<_, pgengine::Error>(())
+    /// }))
+    /// .await?;
+    /// tx.commit().await?;
+    /// # Ok(()) });
+    /// ```
+    pub async fn with_client<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        F: for<'c> FnOnce(
+            &'c tokio_postgres::Client,
+        ) -> futures::future::BoxFuture<'c, std::result::Result<T, E>>,
+        E: From<Error>,
+    {
+        sealed::Sealed::runner(self).await?.with_client(f).await
+    }
+
     /// Commits. Fails, rolling back, when PostgreSQL already aborted the transaction
     /// (a statement failed): nothing is saved then, and the error says so. When the
     /// connection fails while the `COMMIT` is in flight, the error is

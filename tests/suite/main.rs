@@ -14,6 +14,7 @@ mod concurrency;
 mod connection_params;
 mod copy;
 mod engine;
+mod escape_hatch;
 mod faults;
 mod listen;
 mod pgbouncer;

@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::batch::AsyncBatch;
+use crate::copy_out::{CopyOut, CopyOutRows};
 use crate::error::{Error, ErrorKind, Result};
 use crate::from_row::FromRow;
 use crate::query::{Query, QueryString};
@@ -262,6 +263,48 @@ pub trait Executor: sealed::Sealed + Sync {
         I::IntoIter: Send,
     {
         async move { self.runner().await?.copy_in_rows(sql, types, rows).await }
+    }
+
+    /// Runs `sql`, a `COPY … TO STDOUT`, and streams its data as the server sends it
+    /// (text, CSV or binary, as `sql` asks); see [`CopyOut`]. Dropped before its end,
+    /// the COPY is cancelled (and a transaction it ran in cannot commit).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use futures::StreamExt;
+    /// use pgengine::prelude::*;
+    /// let mut copy = engine.copy_out("COPY band TO STDOUT (FORMAT csv, HEADER)").await?;
+    /// while let Some(chunk) = copy.next().await {
+    ///     let chunk = chunk?; // write it to a file, a socket, …
+    /// }
+    /// # Ok(()) });
+    /// ```
+    fn copy_out(&self, sql: &str) -> impl Future<Output = Result<CopyOut>> + Send {
+        async move { CopyOut::start(self.runner().await?, sql).await }
+    }
+
+    /// Runs `sql`, a `COPY … TO STDOUT (FORMAT binary)`, and streams its rows decoded
+    /// as the column `types`; see [`CopyOutRows`].
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use futures::TryStreamExt;
+    /// use pgengine::prelude::*;
+    /// use pgengine::types::Type;
+    /// let mut rows = engine
+    ///     .copy_out_rows("COPY band (name) TO STDOUT (FORMAT binary)", &[Type::TEXT])
+    ///     .await?;
+    /// while let Some(row) = rows.try_next().await? {
+    ///     let name: &str = row.get(0);
+    /// }
+    /// # Ok(()) });
+    /// ```
+    fn copy_out_rows(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> impl Future<Output = Result<CopyOutRows>> + Send {
+        async move { CopyOutRows::start(self.runner().await?, sql, types).await }
     }
 
     /// Streams the rows of `query`, at most `batch_size` at a time, in bounded memory;

@@ -46,6 +46,7 @@ pub mod query;
 mod retry;
 mod schema_change;
 mod statements;
+mod telemetry;
 mod tls;
 mod version;
 // 2. Connections: the pooled connection and its hygiene, cancel.
@@ -53,7 +54,6 @@ mod cancel;
 mod connect;
 mod pool;
 mod routing;
-mod telemetry;
 // 3. The engine's shared context; a transaction's state; the runner that sends
 //    statements (alone, pipelined, as portals) and records how they ended.
 mod context;
@@ -63,6 +63,7 @@ mod transaction;
 // 4. What callers hold: batches, the query methods, transactions, savepoints, atomics.
 mod atomic;
 mod batch;
+mod copy_out;
 mod executor;
 mod listener;
 pub mod savepoint;
@@ -72,6 +73,7 @@ mod engine;
 pub use atomic::Atomic;
 pub use batch::AsyncBatch;
 pub use config::{EngineBuilder, ReplicaPolicy};
+pub use copy_out::{CopyOut, CopyOutRows};
 pub use engine::{PoolStatus, PostgresEngine};
 pub use error::{DatabaseError, Error, ErrorKind, FailedStatement, Result};
 pub use executor::Executor;
@@ -83,6 +85,7 @@ pub use retry::RetryPolicy;
 pub use savepoint::Savepoint;
 pub use tls::SslMode;
 pub use tokio_postgres::Row;
+pub use tokio_postgres::binary_copy::BinaryCopyOutRow;
 pub use tokio_postgres::types;
 pub use transaction::{IsolationLevel, Nested, PostgresTransaction, TransactionBuilder};
 pub use version::ServerVersion;

@@ -1,17 +1,19 @@
-//! `COPY … FROM STDIN` through the runner: text or CSV read from an `AsyncRead`, or
-//! typed rows in the binary format. A COPY is one request: inside a transaction it holds
-//! the transaction's turn from start to end; dropped half-way, its request stays open,
-//! so the connection is cleaned before reuse and the transaction cannot commit.
+//! COPY through the runner. `COPY … FROM STDIN`: text or CSV read from an `AsyncRead`,
+//! or typed rows in the binary format; one request that, inside a transaction, holds
+//! the transaction's turn from start to end. `COPY … TO STDOUT`: started here, its data
+//! read later, chunk by chunk. Either way, dropped half-way, the request stays open, so
+//! the connection is cleaned before reuse and the transaction cannot commit.
 
 use std::pin::pin;
 
 use bytes::BytesMut;
 use futures::SinkExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_postgres::CopyOutStream;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::Runner;
+use super::{Runner, sent_in_turn};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How much of the reader's data is sent at a time.
@@ -89,5 +91,44 @@ impl Runner {
         }
         .await;
         self.noted(result)
+    }
+
+    /// Starts `sql` (a `COPY … TO STDOUT`); its data is read with
+    /// [`copy_out_read`](Self::copy_out_read). Until the last of it is read, the request
+    /// stays open: dropped before that, it is cancelled.
+    pub(crate) async fn copy_out_start(&self, sql: &str) -> Result<CopyOutStream> {
+        let result = async {
+            let _permit = self.admit().await?;
+            let turn = self.turn().await;
+            let connection = self.connection();
+            let start = async { Ok(connection.client().copy_out(sql).await?) };
+            connection.guarded(sent_in_turn(turn, start)).await
+        }
+        .await;
+        let stream = self.noted(result)?;
+        self.connection().set_request_open(true);
+        Ok(stream)
+    }
+
+    /// Records what reading a `COPY … TO STDOUT` gave: the end, or an error of the
+    /// statement, finishes the request; any other failure leaves it open, to be
+    /// cancelled when dropped.
+    pub(crate) fn copy_out_read<T>(
+        &self,
+        read: Option<std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Option<Result<T>> {
+        match read {
+            None => {
+                self.connection().set_request_open(false);
+                None
+            }
+            Some(Ok(data)) => Some(Ok(data)),
+            Some(Err(error)) => {
+                if error.as_db_error().is_some() {
+                    self.connection().set_request_open(false);
+                }
+                Some(self.noted(Err(Error::from(error))))
+            }
+        }
     }
 }

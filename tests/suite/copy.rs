@@ -1,8 +1,11 @@
 //! COPY FROM STDIN: CSV and text from a reader, typed rows in binary; on the engine, in
 //! a transaction and in an ambient one; a bad row, a short row, and a COPY dropped
-//! half-way leave nothing behind.
+//! half-way leave nothing behind. COPY TO STDOUT: bytes and typed rows, in a
+//! transaction, a failing one, and one dropped half-way.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
 
 use pgengine::ErrorKind;
 use pgengine::prelude::*;
@@ -156,5 +159,102 @@ async fn a_copy_dropped_half_way_leaves_nothing_behind() {
     );
     drop(writer);
     assert_eq!(crate::common::count(&engine, "band").await, 0);
+    crate::common::assert_sessions_clean(&db).await;
+}
+
+/// `copy_out` streams the data as sent; `copy_out_rows` decodes the binary format;
+/// both give the connection back once read to the end.
+#[tokio::test]
+async fn copy_out_streams_bytes_and_rows() {
+    let (db, engine) = engine_with_band(1).await;
+    engine
+        .execute("INSERT INTO band SELECT 'band ' || g, g FROM generate_series(1, 50000) g")
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = engine
+        .copy_out(
+            "COPY (SELECT name, popularity FROM band ORDER BY popularity) TO STDOUT (FORMAT csv)",
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let csv = String::from_utf8(chunks.concat()).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 50_000);
+    assert_eq!((lines[0], lines[49_999]), ("band 1,1", "band 50000,50000"));
+
+    let rows: Vec<pgengine::BinaryCopyOutRow> = engine
+        .copy_out_rows(
+            "COPY (SELECT name, popularity FROM band ORDER BY popularity) TO STDOUT (FORMAT binary)",
+            &[Type::TEXT, Type::INT4],
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 50_000);
+    assert_eq!(
+        (rows[9].get::<&str>(0), rows[9].get::<i32>(1)),
+        ("band 10", 10)
+    );
+    // The one connection is back in the pool.
+    assert_eq!(crate::common::count(&engine, "band").await, 50_000);
+    crate::common::assert_sessions_clean(&db).await;
+}
+
+/// In a transaction it sees the transaction's rows; a failing COPY is an error that
+/// aborts the transaction; a COPY dropped half-way is cancelled, outside a transaction
+/// (the connection serves the next query at once) and inside one (it cannot commit).
+#[tokio::test]
+async fn copy_out_in_transactions_failing_and_dropped() {
+    let (db, engine) = engine_with_band(1).await;
+    let tx = engine.begin().await.unwrap();
+    tx.execute("INSERT INTO band VALUES ('uncommitted', 1)")
+        .await
+        .unwrap();
+    let data: Vec<bytes::Bytes> = tx
+        .copy_out("COPY band (name) TO STDOUT")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(data.concat(), b"uncommitted\n");
+    let failing = tx
+        .copy_out("COPY (SELECT 1 / (g - 3) FROM generate_series(1, 5) g) TO STDOUT")
+        .await;
+    let error = match failing {
+        Ok(copy) => copy.try_collect::<Vec<_>>().await.unwrap_err(),
+        Err(error) => error,
+    };
+    assert_eq!(error.code(), Some("22012"), "{error}");
+    assert!(tx.commit().await.is_err(), "committed after a failed COPY");
+    drop(tx);
+
+    let endless =
+        "COPY (SELECT a FROM generate_series(1, 10000) a, generate_series(1, 10000) b) TO STDOUT";
+    let mut copy = engine.copy_out(endless).await.unwrap();
+    assert!(copy.next().await.unwrap().is_ok());
+    drop(copy);
+    let started = Instant::now();
+    assert_eq!(crate::common::count(&engine, "band").await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let tx = engine.begin().await.unwrap();
+    let mut copy = tx.copy_out(endless).await.unwrap();
+    assert!(copy.next().await.unwrap().is_ok());
+    drop(copy);
+    assert!(
+        tx.commit().await.is_err(),
+        "committed after an abandoned COPY"
+    );
+    drop(tx);
     crate::common::assert_sessions_clean(&db).await;
 }

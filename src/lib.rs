@@ -87,7 +87,9 @@ pub use tls::SslMode;
 pub use tokio_postgres::Row;
 pub use tokio_postgres::binary_copy::BinaryCopyOutRow;
 pub use tokio_postgres::types;
-pub use transaction::{IsolationLevel, Nested, PostgresTransaction, TransactionBuilder};
+pub use transaction::{
+    IsolationLevel, Nested, PostgresTransaction, RunOnce, RunRetried, TransactionBuilder,
+};
 pub use version::ServerVersion;
 
 /// The README's examples, compiled and run as doctests.

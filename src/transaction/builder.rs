@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -87,9 +88,14 @@ impl IsolationLevel {
 ///     .await?;
 /// # Ok(()) });
 /// ```
+///
+/// Its type says how often [`run`](Self::run)'s closure may run: once
+/// ([`RunOnce`], the default: any async closure), or again after a conflict
+/// ([`RunRetried`], after [`retry`](Self::retry): a closure that can be cloned for
+/// each attempt).
 #[derive(Clone)]
 #[must_use = "a transaction builder does nothing until `run` or `begin`"]
-pub struct TransactionBuilder {
+pub struct TransactionBuilder<Attempts = RunOnce> {
     context: Arc<EngineContext>,
     nested: Nested,
     isolation: Option<IsolationLevel>,
@@ -97,7 +103,35 @@ pub struct TransactionBuilder {
     deferrable: Option<bool>,
     statement_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
+    attempts: PhantomData<fn() -> Attempts>,
 }
+
+/// A [`TransactionBuilder`] without a retry policy: `run` calls its closure once, so
+/// the closure may be any `AsyncFnOnce` (borrowing, mutating or moving what it uses).
+///
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
+/// let builder: pgengine::TransactionBuilder<pgengine::RunOnce> = engine.transaction();
+/// # let _ = builder;
+/// # Ok(()) });
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct RunOnce;
+
+/// A [`TransactionBuilder`] with a retry policy: `run` may call its closure again,
+/// each attempt on a clone of it, so the closure must be `Clone` (closures that borrow
+/// or clone what they use are; one that captures a `&mut` is not: count attempts with a
+/// `Cell` or an atomic).
+///
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
+/// let builder: pgengine::TransactionBuilder<pgengine::RunRetried> =
+///     engine.transaction().retry(pgengine::RetryPolicy::new(3));
+/// # let _ = builder;
+/// # Ok(()) });
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct RunRetried;
 
 impl TransactionBuilder {
     /// A transaction on the engine of `context`, with the default options.
@@ -110,9 +144,39 @@ impl TransactionBuilder {
             deferrable: None,
             statement_timeout: None,
             retry: None,
+            attempts: PhantomData,
         }
     }
 
+    /// Run the closure again after a serialization failure or a deadlock (closure form
+    /// only); see [`RetryPolicy`]. Each attempt runs a clone of the closure
+    /// ([`RunRetried`]).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// engine.transaction()
+    ///     .isolation(IsolationLevel::Serializable)
+    ///     .retry(RetryPolicy::new(5))   // the body runs again after 40001 / 40P01
+    ///     .run(async |tx| tx.execute("UPDATE account SET balance = balance + 1 WHERE id = 1").await)
+    ///     .await?;
+    /// # Ok(()) });
+    /// ```
+    pub fn retry(self, policy: RetryPolicy) -> TransactionBuilder<RunRetried> {
+        TransactionBuilder {
+            context: self.context,
+            nested: self.nested,
+            isolation: self.isolation,
+            read_only: self.read_only,
+            deferrable: self.deferrable,
+            statement_timeout: self.statement_timeout,
+            retry: Some(policy),
+            attempts: PhantomData,
+        }
+    }
+}
+
+impl<Attempts> TransactionBuilder<Attempts> {
     /// The seed's switch: `true` joins an outer transaction ([`Nested::Join`]), `false`
     /// makes nesting an error ([`Nested::Forbid`]).
     ///
@@ -233,24 +297,6 @@ impl TransactionBuilder {
         self
     }
 
-    /// Run the closure again after a serialization failure or a deadlock (closure form
-    /// only); see [`RetryPolicy`].
-    ///
-    /// ```
-    /// # pgengine_testing::doctest(async |engine| {
-    /// use pgengine::prelude::*;
-    /// engine.transaction()
-    ///     .isolation(IsolationLevel::Serializable)
-    ///     .retry(RetryPolicy::new(5))   // the body runs again after 40001 / 40P01
-    ///     .run(async |tx| tx.execute("UPDATE account SET balance = balance + 1 WHERE id = 1").await)
-    ///     .await?;
-    /// # Ok(()) });
-    /// ```
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some(policy);
-        self
-    }
-
     /// Begins the transaction and returns its guard. Call [`commit`](PostgresTransaction::commit)
     /// or [`rollback`](PostgresTransaction::rollback); a guard dropped without either is
     /// rolled back before its connection serves anyone else.
@@ -273,16 +319,16 @@ impl TransactionBuilder {
             None => self.begin_outermost(1).await,
         }
     }
+}
 
+impl TransactionBuilder<RunOnce> {
     /// Runs `body` in the transaction: commits when it returns `Ok`, rolls back when it
     /// returns `Err` or panics (the panic then continues). Queries through the engine
     /// inside `body`, on this task, run in the transaction too.
     ///
-    /// With a [`retry`](Self::retry) policy, `body` runs again after a serialization
-    /// failure or a deadlock (met by a query, by the implicit `COMMIT` or by a
-    /// `tx.commit()` inside the body); when the attempts run out, the error is that
-    /// database error with [`Error::attempts`] set. A commit whose outcome is unknown
-    /// ([`ErrorKind::CommitOutcomeUnknown`]) is never retried.
+    /// Without a retry policy `body` runs once; with one (after
+    /// [`retry`](TransactionBuilder::retry)), see
+    /// [`TransactionBuilder<RunRetried>::run`](TransactionBuilder::<RunRetried>::run).
     ///
     /// The body may finish the transaction itself: after `tx.commit()` or
     /// `tx.rollback()`, queries on it are errors, and `run` returns the body's value —
@@ -297,11 +343,11 @@ impl TransactionBuilder {
     /// when the body swallowed the error, and `run` then returns an
     /// [`ErrorKind::Transaction`] error; the outer transaction goes on.
     ///
-    /// The returned future is `Send` when the closure's is. To `tokio::spawn` it, make
-    /// the closure own what it uses (`async move |tx| …` over clones): with a closure
-    /// that borrows from its surroundings, today's compiler cannot prove the spawned
-    /// future `Send` ("implementation of `Send` is not general enough",
-    /// rust-lang/rust#139475).
+    /// The returned future is `Send` when the closure's is, so `run` works in spawned
+    /// tasks (axum and tonic handlers) with a closure that borrows the handler's locals.
+    /// (The closure is an `AsyncFnOnce`, called once per attempt: with an `AsyncFnMut`,
+    /// whose future borrows the closure, today's compiler cannot prove such a future
+    /// `Send`, rust-lang/rust#139475.)
     ///
     /// ```
     /// # pgengine_testing::doctest(async |engine| {
@@ -315,14 +361,62 @@ impl TransactionBuilder {
     /// ```
     pub async fn run<T, E, F>(self, body: F) -> std::result::Result<T, E>
     where
-        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
+        E: From<Error>,
+    {
+        let mut body = Some(body);
+        self.run_attempts(move || body.take().expect("without a retry policy, one attempt"))
+            .await
+    }
+}
+
+impl TransactionBuilder<RunRetried> {
+    /// Runs `body` in the transaction, as
+    /// [`TransactionBuilder<RunOnce>::run`](TransactionBuilder::<RunOnce>::run) does, and
+    /// runs it again (a clone of it) after a serialization failure or a deadlock (met by a
+    /// query, by the implicit `COMMIT` or by a `tx.commit()` inside the body); when the
+    /// attempts run out, the error is that database error with [`Error::attempts`] set. A
+    /// commit whose outcome is unknown ([`ErrorKind::CommitOutcomeUnknown`]) is never
+    /// retried. Nested in another transaction, it is never retried either (the outer
+    /// transaction is).
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let (from, to, amount) = (1, 2, 10);
+    /// engine
+    ///     .transaction()
+    ///     .isolation(IsolationLevel::Serializable)
+    ///     .retry(RetryPolicy::new(5))
+    ///     .run(async |tx| {
+    ///         tx.execute(sql!("UPDATE account SET balance = balance - {} WHERE id = {}", amount, from)).await?;
+    ///         tx.execute(sql!("UPDATE account SET balance = balance + {} WHERE id = {}", amount, to)).await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) });
+    /// ```
+    pub async fn run<T, E, F>(self, body: F) -> std::result::Result<T, E>
+    where
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E> + Clone,
+        E: From<Error>,
+    {
+        self.run_attempts(move || body.clone()).await
+    }
+}
+
+impl<Attempts> TransactionBuilder<Attempts> {
+    /// Runs a body from `next_body` in the transaction, and another after each
+    /// retryable failure while the policy allows.
+    async fn run_attempts<T, E, F>(self, next_body: impl FnMut() -> F) -> std::result::Result<T, E>
+    where
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
         // Each path boxed on its own: a nested transaction's frame holds only a pointer,
         // so nesting deep costs little stack per level.
         match ambient::current_scope(self.context.id) {
-            Some(outer) => self.run_nested(outer, body).await,
-            None => self.run_outermost(body).await,
+            Some(outer) => self.run_nested(outer, next_body).await,
+            None => self.run_outermost(next_body).await,
         }
     }
 
@@ -331,18 +425,21 @@ impl TransactionBuilder {
     #[inline(never)]
     fn run_outermost<T, E, F>(
         self,
-        body: F,
+        next_body: impl FnMut() -> F,
     ) -> Pin<Box<impl Future<Output = std::result::Result<T, E>>>>
     where
-        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
-        Box::pin(self.run_outermost_inner(body))
+        Box::pin(self.run_outermost_inner(next_body))
     }
 
-    async fn run_outermost_inner<T, E, F>(self, mut body: F) -> std::result::Result<T, E>
+    async fn run_outermost_inner<T, E, F>(
+        self,
+        mut next_body: impl FnMut() -> F,
+    ) -> std::result::Result<T, E>
     where
-        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
         let engine_id = self.context.id;
@@ -351,7 +448,7 @@ impl TransactionBuilder {
             let tx = self.begin_outermost(attempt).await?;
             // Boxed: the body's future is large, and this one would copy it whole at
             // each move; a box is moved as a pointer.
-            let body = start_body(&mut body, &tx);
+            let body = start_body(next_body(), &tx);
             let scope = ambient::Scope::new(tx.shared().clone());
             let outcome = ambient::scope(engine_id, scope, body)
                 .instrument(tx.shared().span().clone())
@@ -406,32 +503,33 @@ impl TransactionBuilder {
     fn run_nested<T, E, F>(
         self,
         outer: ambient::Scope,
-        body: F,
+        next_body: impl FnMut() -> F,
     ) -> Pin<Box<impl Future<Output = std::result::Result<T, E>>>>
     where
-        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
-        Box::pin(self.run_nested_inner(outer, body))
+        Box::pin(self.run_nested_inner(outer, next_body))
     }
 
     async fn run_nested_inner<T, E, F>(
         self,
         outer: ambient::Scope,
-        mut body: F,
+        mut next_body: impl FnMut() -> F,
     ) -> std::result::Result<T, E>
     where
-        F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+        F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E>,
         E: From<Error>,
     {
         let tx = self.enter_nested(outer, Wait::Queue).await?;
+        let body = next_body();
         if !tx.is_nested_savepoint() {
             return body(&tx).await;
         }
         // The nested scope is ambient for the body: transactions nested in it queue on
         // it, not on the outer scope (which this one holds).
         let scope = ambient::Scope::new(tx.shared().clone());
-        let body = start_body(&mut body, &tx);
+        let body = start_body(body, &tx);
         match ambient::scope(self.context.id, scope, body).await {
             Ok(Ok(value)) => {
                 tx.finish_if_active(Finish::Commit).await?;
@@ -569,7 +667,7 @@ enum Wait {
     Refuse,
 }
 
-impl std::fmt::Debug for TransactionBuilder {
+impl<Attempts> std::fmt::Debug for TransactionBuilder<Attempts> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TransactionBuilder")
             .field("engine", &self.context.id)
@@ -588,11 +686,11 @@ impl std::fmt::Debug for TransactionBuilder {
 /// frame of the code that awaits it — nested transactions' frames add up.
 #[inline(never)]
 fn start_body<'a, T, E, F>(
-    body: &'a mut F,
+    body: F,
     tx: &'a PostgresTransaction,
 ) -> Pin<Box<impl Future<Output = std::thread::Result<std::result::Result<T, E>>> + 'a>>
 where
-    F: AsyncFnMut(&PostgresTransaction) -> std::result::Result<T, E>,
+    F: AsyncFnOnce(&PostgresTransaction) -> std::result::Result<T, E> + 'a,
 {
     Box::pin(AssertUnwindSafe(body(tx)).catch_unwind())
 }

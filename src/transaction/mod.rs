@@ -14,5 +14,5 @@ mod builder;
 mod handle;
 pub(crate) mod state;
 
-pub use builder::{IsolationLevel, Nested, TransactionBuilder};
+pub use builder::{IsolationLevel, Nested, RunOnce, RunRetried, TransactionBuilder};
 pub use handle::PostgresTransaction;

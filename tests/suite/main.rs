@@ -30,3 +30,4 @@ mod tls;
 mod transactions;
 mod typed_rows;
 mod types;
+mod web_service;

@@ -138,13 +138,13 @@ async fn a_transaction_span_holds_its_queries_and_outcome() {
 async fn each_attempt_of_a_retried_transaction_has_its_span() {
     let (_db, engine) = common::engine().await;
     let (spans, _guard) = capture_spans();
-    let mut attempts = 0;
+    let attempts = std::cell::Cell::new(0);
     engine
         .transaction()
         .retry(RetryPolicy::new(3).initial_backoff(Duration::from_millis(1)))
         .run(async |tx| {
-            attempts += 1;
-            if attempts == 1 {
+            attempts.set(attempts.get() + 1);
+            if attempts.get() == 1 {
                 tx.execute(
                     "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001', \
                      MESSAGE = 'serialization'; END $$",
@@ -155,7 +155,7 @@ async fn each_attempt_of_a_retried_transaction_has_its_span() {
         })
         .await
         .unwrap();
-    assert_eq!(attempts, 2);
+    assert_eq!(attempts.get(), 2);
     let spans = spans.lock().unwrap().clone();
     let transactions: Vec<_> = named(&spans, "transaction")
         .into_iter()

@@ -2,6 +2,7 @@
 //! by the batch size rather than the result size.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -11,6 +12,7 @@ use tokio_postgres::{Row, RowStream};
 use tracing::{Instrument, Span};
 
 use crate::error::{Error, Result};
+use crate::from_row::FromRow;
 use crate::query::{CompiledQuery, Query};
 use crate::runner::{Runner, compile};
 use crate::telemetry;
@@ -190,6 +192,68 @@ impl Stream for AsyncBatch {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_batch(cx).map(Result::transpose)
+    }
+}
+
+/// An [`AsyncBatch`] whose rows are made into `T` ([`FromRow`]), batch by batch: from
+/// [`Executor::batch_as`](crate::Executor::batch_as). A row that cannot be made into
+/// `T` is an error naming the column.
+///
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
+/// use pgengine::prelude::*;
+/// let mut batch = engine.batch_as::<(i32, String), _>("SELECT id, payload FROM big_table", 1000).await?;
+/// while let Some(rows) = batch.next().await? {
+///     for (id, payload) in rows { let _ = (id, payload); }
+/// }
+/// # Ok(()) });
+/// ```
+pub struct TypedBatch<T> {
+    batch: AsyncBatch,
+    rows: PhantomData<fn() -> T>,
+}
+
+impl<T: FromRow> TypedBatch<T> {
+    pub(crate) fn new(batch: AsyncBatch) -> Self {
+        Self {
+            batch,
+            rows: PhantomData,
+        }
+    }
+
+    /// The next batch of at most `batch_size` values, or `None` when all were read.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let mut batch = engine.batch_as::<(String,), _>("SELECT name FROM band", 10).await?;
+    /// let first: Option<Vec<(String,)>> = batch.next().await?;
+    /// # Ok(()) });
+    /// ```
+    pub async fn next(&mut self) -> Result<Option<Vec<T>>> {
+        futures::future::poll_fn(|cx| self.poll_typed(cx)).await
+    }
+
+    fn poll_typed(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<T>>>> {
+        let rows = ready!(self.batch.poll_batch(cx))?;
+        Poll::Ready(
+            rows.map(|rows| rows.iter().map(T::from_row).collect())
+                .transpose(),
+        )
+    }
+}
+
+impl<T: FromRow> Stream for TypedBatch<T> {
+    type Item = Result<Vec<T>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_typed(cx).map(Result::transpose)
+    }
+}
+
+impl<T> std::fmt::Debug for TypedBatch<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TypedBatch").field(&self.batch).finish()
     }
 }
 

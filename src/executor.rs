@@ -6,7 +6,7 @@ use tokio::io::AsyncRead;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::batch::AsyncBatch;
+use crate::batch::{AsyncBatch, TypedBatch};
 use crate::copy_out::{CopyOut, CopyOutRows};
 use crate::error::{Error, ErrorKind, Result};
 use crate::from_row::FromRow;
@@ -328,6 +328,35 @@ pub trait Executor: sealed::Sealed + Sync {
         batch_size: usize,
     ) -> impl Future<Output = Result<AsyncBatch>> + Send {
         AsyncBatch::open(self.runner(), query, batch_size)
+    }
+
+    /// [`batch`](Executor::batch) with each row made into `T` ([`FromRow`]); see
+    /// [`TypedBatch`].
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use futures::TryStreamExt;
+    /// use pgengine::prelude::*;
+    /// #[derive(pgengine::FromRow)]
+    /// struct Band { name: String, popularity: i32 }
+    /// let batches: Vec<Vec<Band>> = engine
+    ///     .batch_as::<Band, _>("SELECT name, popularity FROM band ORDER BY name", 1)
+    ///     .await?
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(batches.len(), 2);
+    /// # Ok(()) });
+    /// ```
+    fn batch_as<T, Q>(
+        &self,
+        query: Q,
+        batch_size: usize,
+    ) -> impl Future<Output = Result<TypedBatch<T>>> + Send
+    where
+        T: FromRow,
+        Q: Query,
+    {
+        async move { Ok(TypedBatch::new(self.batch(query, batch_size).await?)) }
     }
 
     /// Runs one [`QueryString`] and returns its rows: the seed's name for

@@ -11,7 +11,25 @@ use tokio_postgres::types::FromSql;
 use crate::error::{Error, ErrorKind, Result};
 
 /// A value made from one row. Implemented for tuples of up to 8 columns, read in order;
-/// implement it for a struct with [`column`], which names the column in its errors.
+/// derived for a struct with `#[derive(pgengine::FromRow)]` (each field from the column
+/// of its name; `#[pgengine(rename = "column")]`, `#[pgengine(flatten)]`), or
+/// implemented by hand with [`column`], which names the column in its errors.
+///
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
+/// use pgengine::prelude::*;
+/// #[derive(pgengine::FromRow)]
+/// struct Band {
+///     name: String,
+///     #[pgengine(rename = "popularity")]
+///     fans: i32,
+/// }
+/// let band: Band = engine.fetch_one_as("SELECT name, popularity FROM band ORDER BY name LIMIT 1").await?;
+/// assert_eq!((band.name.as_str(), band.fans), ("Pythonistas", 1000));
+/// # Ok(()) });
+/// ```
+///
+/// By hand:
 ///
 /// ```
 /// # pgengine_testing::doctest(async |engine| {

@@ -71,7 +71,7 @@ pub mod savepoint;
 mod engine;
 
 pub use atomic::Atomic;
-pub use batch::AsyncBatch;
+pub use batch::{AsyncBatch, TypedBatch};
 pub use config::{EngineBuilder, ReplicaPolicy};
 pub use copy_out::{CopyOut, CopyOutRows};
 pub use engine::{PoolStatus, PostgresEngine};
@@ -80,6 +80,11 @@ pub use executor::Executor;
 pub use from_row::{FromRow, column};
 pub use lifecycle::{AfterConnectFuture, SessionReset};
 pub use listener::{ListenEvent, Listener, Notification};
+/// Derives [`FromRow`] for a struct: each field from the column of its name
+/// (`#[pgengine(rename = "column")]` for another, `#[pgengine(flatten)]` for a field
+/// made from the same row), a tuple struct's fields in order; see [`FromRow`].
+#[cfg(feature = "derive")]
+pub use pgengine_derive::FromRow;
 pub use query::{Query, QueryString};
 pub use retry::RetryPolicy;
 pub use savepoint::Savepoint;

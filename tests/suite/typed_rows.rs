@@ -101,3 +101,83 @@ async fn a_mismatch_is_an_error_naming_the_column() {
         "a missing column is named: {err}"
     );
 }
+
+#[derive(Debug, PartialEq, pgengine::FromRow)]
+struct Venue {
+    name: String,
+    #[pgengine(rename = "seats")]
+    capacity: i32,
+    #[pgengine(flatten)]
+    place: Place,
+}
+
+#[derive(Debug, PartialEq, pgengine::FromRow)]
+struct Place {
+    city: String,
+    country: Option<String>,
+}
+
+#[derive(Debug, PartialEq, pgengine::FromRow)]
+struct Pair(i32, String);
+
+/// `#[derive(FromRow)]`: fields by name, renamed, flattened, and a tuple struct by
+/// position; a missing column and a type mismatch are errors naming the column.
+#[tokio::test]
+async fn derived_rows_read_columns_by_name() {
+    let (_db, engine) = crate::common::engine().await;
+    let venue: Venue = engine
+        .fetch_one_as("SELECT 'Hall' AS name, 500 AS seats, 'Oslo' AS city, NULL::text AS country")
+        .await
+        .unwrap();
+    assert_eq!(
+        venue,
+        Venue {
+            name: "Hall".into(),
+            capacity: 500,
+            place: Place {
+                city: "Oslo".into(),
+                country: None
+            },
+        }
+    );
+    let pair: Pair = engine.fetch_one_as("SELECT 7, 'seven'").await.unwrap();
+    assert_eq!(pair, Pair(7, "seven".into()));
+
+    let missing = engine
+        .fetch_one_as::<Venue, _>(
+            "SELECT 'Hall' AS name, 500 AS capacity, 'Oslo' AS city, NULL::text AS country",
+        )
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("column seats"), "{missing}");
+    let mismatch = engine
+        .fetch_one_as::<Venue, _>(
+            "SELECT 'Hall' AS name, 'many' AS seats, 'Oslo' AS city, NULL::text AS country",
+        )
+        .await
+        .unwrap_err();
+    assert!(mismatch.to_string().contains("column seats"), "{mismatch}");
+}
+
+/// `batch_as` streams typed batches; a row that does not fit is an error, not a panic.
+#[tokio::test]
+async fn a_typed_batch_streams_values() {
+    use futures::TryStreamExt;
+    let (_db, engine) = crate::common::engine().await;
+    let batches: Vec<Vec<Pair>> = engine
+        .batch_as("SELECT g, 'n' || g FROM generate_series(1, 25) g", 10)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(batches[2][4], Pair(25, "n25".into()));
+    let mut wrong = engine
+        .batch_as::<Pair, _>("SELECT 'x', 1", 10)
+        .await
+        .unwrap();
+    let error = wrong.next().await.unwrap_err();
+    assert!(error.to_string().contains("column 0"), "{error}");
+}

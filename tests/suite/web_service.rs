@@ -8,9 +8,9 @@ mod example;
 
 use std::collections::BTreeMap;
 
+use example::{Account, Transfer};
 use rand::Rng;
 use reqwest::StatusCode;
-use example::{Account, Transfer};
 
 const ACCOUNTS: i32 = 250;
 const OPENING_BALANCE: i64 = 1_000;

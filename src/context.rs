@@ -59,11 +59,12 @@ impl Finish {
 impl EngineContext {
     /// The pools (no connection opened yet) and the log.
     pub(crate) fn new(pg: tokio_postgres::Config, settings: EngineSettings) -> Result<Self> {
-        let pool = ConnectionPool::new(pg.clone(), &settings)?;
+        let name = crate::pool::pool_name(&pg);
+        let pool = ConnectionPool::new(pg.clone(), &settings, name.clone())?;
         // The pool of blocking callers opens connections only on demand.
         let mut sync_settings = settings.clone();
         sync_settings.lifecycle.min_connections = 0;
-        let sync_pool = ConnectionPool::new(pg.clone(), &sync_settings)?;
+        let sync_pool = ConnectionPool::new(pg.clone(), &sync_settings, format!("{name}/sync"))?;
         Ok(Self {
             id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::atomic::Atomic;
 use crate::config::{EngineBuilder, EngineSettings};
 use crate::context::EngineContext;
+use crate::counters::Counter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::executor::{Executor, sealed};
 use crate::identifier::quote_identifier;
@@ -268,20 +269,20 @@ impl PostgresEngine {
     pub fn pool_status(&self) -> PoolStatus {
         let status = self.context.pool.status();
         let counters = self.context.pool.counters();
-        let count = crate::lifecycle::Counters::get;
+        let count = |counter| counters.get(counter);
         PoolStatus {
             max_size: status.max_size,
             size: status.size,
             available: status.available,
             waiting: status.waiting,
-            waits: count(&counters.waits),
-            wait_time: Duration::from_micros(count(&counters.wait_micros)),
-            timeouts: count(&counters.timeouts),
-            created: count(&counters.created),
-            closed_max_lifetime: count(&counters.closed_max_lifetime),
-            closed_idle: count(&counters.closed_idle),
-            closed_unhealthy: count(&counters.closed_unhealthy),
-            closed_broken: count(&counters.closed_broken),
+            waits: count(Counter::Waits),
+            wait_time: Duration::from_micros(count(Counter::WaitMicros)),
+            timeouts: count(Counter::Timeouts),
+            created: count(Counter::Created),
+            closed_max_lifetime: count(Counter::ClosedMaxLifetime),
+            closed_idle: count(Counter::ClosedIdle),
+            closed_unhealthy: count(Counter::ClosedUnhealthy),
+            closed_broken: count(Counter::ClosedBroken),
         }
     }
 

@@ -37,6 +37,7 @@
 mod blocking;
 pub mod config;
 mod conninfo;
+mod counters;
 mod error;
 mod from_row;
 mod identifier;

@@ -6,12 +6,12 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{HookError, Metrics};
 
 use crate::connect::{Session, WeakPool};
+use crate::counters::{Counter, Counters};
 
 /// What is reset on a pooled connection before it is handed out again.
 ///
@@ -107,30 +107,6 @@ impl Default for Lifecycle {
     }
 }
 
-/// Counters of one pool, cumulated since the engine was built; see
-/// [`PoolStatus`](crate::PoolStatus).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub waits: AtomicU64,
-    pub wait_micros: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub created: AtomicU64,
-    pub closed_max_lifetime: AtomicU64,
-    pub closed_idle: AtomicU64,
-    pub closed_unhealthy: AtomicU64,
-    pub closed_broken: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub(crate) fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>>;
 
 /// The `post_create` hook: counts the connection and runs the after-connect hook.
@@ -153,7 +129,7 @@ pub(crate) fn post_create(
                     "the after-connect hook failed: {reason}"
                 )));
             }
-            Counters::add(&counters.created, 1);
+            counters.add(Counter::Created, 1);
             Ok(())
         })
     }
@@ -174,7 +150,7 @@ pub(crate) fn pre_recycle(
                 .max_lifetime
                 .is_some_and(|max| metrics.age() >= max)
             {
-                Counters::add(&counters.closed_max_lifetime, 1);
+                counters.add(Counter::ClosedMaxLifetime, 1);
                 return Err(HookError::message("the connection reached max_lifetime"));
             }
             let reset = lifecycle.session_reset == SessionReset::DiscardAll;
@@ -185,7 +161,7 @@ pub(crate) fn pre_recycle(
                 && !reset
                 && let Err(error) = client.simple_query("").await
             {
-                Counters::add(&counters.closed_unhealthy, 1);
+                counters.add(Counter::ClosedUnhealthy, 1);
                 return Err(HookError::Backend(error));
             }
             if reset {
@@ -200,7 +176,7 @@ pub(crate) fn pre_recycle(
                     result = hook.run(client).await;
                 }
                 if let Err(error) = result {
-                    Counters::add(&counters.closed_unhealthy, 1);
+                    counters.add(Counter::ClosedUnhealthy, 1);
                     return Err(HookError::Backend(error));
                 }
             }
@@ -255,9 +231,9 @@ pub(crate) async fn maintain(
             }
             true
         });
-        Counters::add(&counters.closed_broken, broken);
-        Counters::add(&counters.closed_idle, idle);
-        Counters::add(&counters.closed_max_lifetime, old);
+        counters.add(Counter::ClosedBroken, broken);
+        counters.add(Counter::ClosedIdle, idle);
+        counters.add(Counter::ClosedMaxLifetime, old);
         let status = pool.status();
         let missing = lifecycle.min_connections.saturating_sub(status.size);
         if missing > 0 {

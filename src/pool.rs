@@ -21,8 +21,9 @@ use tokio_postgres::{Row, RowStream, Statement};
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
 use crate::connect::{Hook, Object, Pool, ServerConnector};
+use crate::counters::{Counter, Counters};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lifecycle::{self, Counters};
+use crate::lifecycle;
 use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
 
 /// The pool of one engine, and how to cancel a request on its connections.
@@ -35,8 +36,12 @@ pub(crate) struct ConnectionPool {
 }
 
 impl ConnectionPool {
-    /// Creates the pool; no connection is opened yet.
-    pub(crate) fn new(pg: tokio_postgres::Config, settings: &EngineSettings) -> Result<Self> {
+    /// Creates the pool, `name`d in its metrics; no connection is opened yet.
+    pub(crate) fn new(
+        pg: tokio_postgres::Config,
+        settings: &EngineSettings,
+        name: String,
+    ) -> Result<Self> {
         let canceller = Arc::new(Canceller::new(
             &pg,
             settings.connect_timeout,
@@ -48,7 +53,7 @@ impl ConnectionPool {
             settings.server_role,
             &settings.hosts_in_order,
         );
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(name));
         let life = Arc::new(settings.lifecycle.clone());
         let pool = Pool::builder(manager)
             .max_size(settings.max_connections)
@@ -105,12 +110,8 @@ impl ConnectionPool {
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
                 let started = std::time::Instant::now();
                 let waited = pool.get().await;
-                let counters = &self.counters;
-                Counters::add(&counters.waits, 1);
-                Counters::add(&counters.wait_micros, started.elapsed().as_micros() as u64);
-                if matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait))) {
-                    Counters::add(&counters.timeouts, 1);
-                }
+                let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
+                self.counters.waited(started.elapsed(), timed_out);
                 waited?
             }
             taken => taken?,
@@ -130,6 +131,7 @@ impl ConnectionPool {
     }
 
     fn wrap(&self, object: Object) -> Connection {
+        self.counters.moved(1.0, || Some(self.pool.status()));
         Connection {
             statements: StatementCache::new(
                 self.statement_cache_capacity,
@@ -367,11 +369,13 @@ impl Drop for Connection {
         let Some(object) = self.object.take() else {
             return;
         };
+        self.counters
+            .moved(-1.0, || Object::pool(&object).map(|pool| pool.status()));
         let unfinished = self.unfinished.load(Ordering::Acquire);
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
         if self.broken.load(Ordering::Acquire) || object.is_closed() {
             tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
-            Counters::add(&self.counters.closed_broken, 1);
+            self.counters.add(Counter::ClosedBroken, 1);
             drop(Object::take(object));
             return;
         }
@@ -411,7 +415,7 @@ async fn restore(
             .await
     {
         tracing::debug!(target: "pgengine::pool", "discarding a connection whose request could not be cancelled for sure");
-        Counters::add(&counters.closed_broken, 1);
+        counters.add(Counter::ClosedBroken, 1);
         drop(Object::take(object));
         return;
     }
@@ -419,10 +423,25 @@ async fn restore(
         Ok(()) => drop(object),
         Err(e) => {
             tracing::debug!(target: "pgengine::pool", error = %e, "discarding a connection that could not be rolled back");
-            Counters::add(&counters.closed_broken, 1);
+            counters.add(Counter::ClosedBroken, 1);
             drop(Object::take(object));
         }
     }
+}
+
+/// The name of the pool of an engine connecting with `pg`, in metrics:
+/// `host:port/database` (its first host).
+pub(crate) fn pool_name(pg: &tokio_postgres::Config) -> String {
+    let host = match (pg.get_hosts().first(), pg.get_hostaddrs().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(name)), _) => name.clone(),
+        (_, Some(ip)) => ip.to_string(),
+        #[cfg(unix)]
+        (Some(tokio_postgres::config::Host::Unix(dir)), None) => dir.display().to_string(),
+        (None, None) => "localhost".to_owned(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let database = pg.get_dbname().or(pg.get_user()).unwrap_or_default();
+    format!("{host}:{port}/{database}")
 }
 
 /// How often idle connections are checked: often enough for the shortest of

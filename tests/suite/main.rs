@@ -17,6 +17,8 @@ mod engine;
 mod escape_hatch;
 mod faults;
 mod listen;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod pgbouncer;
 mod pool_lifecycle;
 mod query;

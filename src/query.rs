@@ -706,6 +706,36 @@ impl Query for String {
     }
 }
 
+/// A query built with sea-query 0.32 (feature `with-sea-query-0_32`): the `$n` SQL and
+/// values of `build_postgres`, run as they are.
+///
+/// ```
+/// # #[cfg(feature = "with-sea-query-0_32")]
+/// # pgengine_testing::doctest(async |engine| {
+/// use pgengine::prelude::*;
+/// use sea_query::{Alias, Expr, PostgresQueryBuilder};
+/// use sea_query_postgres::PostgresBinder;
+/// let query = sea_query::Query::select()
+///     .column(Alias::new("name"))
+///     .from(Alias::new("band"))
+///     .and_where(Expr::col(Alias::new("popularity")).gt(100))
+///     .build_postgres(PostgresQueryBuilder);
+/// let rows = engine.fetch(query).await?;
+/// # Ok(()) });
+/// ```
+#[cfg(feature = "with-sea-query-0_32")]
+impl Query for (String, sea_query_postgres::PostgresValues) {
+    fn into_querystrings(self) -> Vec<QueryString> {
+        let (sql, values) = self;
+        let params = values
+            .0
+            .into_iter()
+            .map(|value| Box::new(value) as Param)
+            .collect();
+        vec![QueryString::positional(sql, params)]
+    }
+}
+
 impl Query for Vec<QueryString> {
     fn into_querystrings(self) -> Vec<QueryString> {
         self

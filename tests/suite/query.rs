@@ -203,3 +203,30 @@ fn positional_sql_is_sent_as_written_with_its_parameters() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("cannot be nested"), "{err}");
 }
+
+/// With `with-sea-query-0_32`, a sea-query query runs as built: its `$n` SQL with its
+/// values as parameters.
+#[cfg(feature = "with-sea-query-0_32")]
+#[tokio::test]
+async fn sea_query_queries_run_as_built() {
+    use pgengine::prelude::*;
+    use sea_query::{Alias, Expr, PostgresQueryBuilder};
+    use sea_query_postgres::PostgresBinder;
+    let (_db, engine) = crate::common::engine().await;
+    crate::common::create_band(&engine).await;
+    let insert = sea_query::Query::insert()
+        .into_table(Alias::new("band"))
+        .columns([Alias::new("name")])
+        .values_panic(["O'Brien; DROP TABLE band".into()])
+        .values_panic(["Rustaceans".into()])
+        .build_postgres(PostgresQueryBuilder);
+    assert!(insert.0.contains("$1"), "{}", insert.0);
+    assert_eq!(engine.execute(insert).await.unwrap(), 2);
+    let select = sea_query::Query::select()
+        .column(Alias::new("name"))
+        .from(Alias::new("band"))
+        .and_where(Expr::col(Alias::new("name")).like("O'%"))
+        .build_postgres(PostgresQueryBuilder);
+    let names: Vec<(String,)> = engine.fetch_as(select).await.unwrap();
+    assert_eq!(names, [("O'Brien; DROP TABLE band".to_owned(),)]);
+}

@@ -40,7 +40,10 @@ pub async fn load(
         }
     }
     client
-        .batch_execute("CREATE TABLE IF NOT EXISTS bench_atomic (a int NOT NULL, b text NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS bench_atomic (a int NOT NULL, b text NOT NULL);
+             CREATE TABLE IF NOT EXISTS bench_copy (a int NOT NULL, b text NOT NULL)",
+        )
         .await?;
     for &(table, rows) in stream_rows {
         if count(&client, table).await? == Some(rows as i64) {
@@ -70,6 +73,15 @@ pub async fn reset_atomic(url: &str) -> Result<()> {
     tokio_pg::connect(url)
         .await?
         .batch_execute("TRUNCATE bench_atomic")
+        .await?;
+    Ok(())
+}
+
+/// Empties the COPY workload's target between measurements.
+pub async fn reset_copy(url: &str) -> Result<()> {
+    tokio_pg::connect(url)
+        .await?
+        .batch_execute("TRUNCATE bench_copy")
         .await?;
     Ok(())
 }

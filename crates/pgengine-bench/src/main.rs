@@ -208,6 +208,7 @@ fn plan(cli: &Cli) -> Plan {
         quick: cli.quick,
         scale: if cli.quick { 1 } else { 10 },
         stream_rows: if cli.quick { 20_000 } else { 1_000_000 },
+        copy_rows: if cli.quick { 20_000 } else { 1_000_000 },
         big_rows: (cli.big && !cli.quick).then_some(10_000_000),
         timing: Timing {
             warmup: secs(warmup),

@@ -320,6 +320,13 @@ impl Report {
                  makes the server answer and flush each one): pgengine runs level with the \
                  hand-pipelined driver, and that floor caps its lead over Piccolo."
             }
+            Workload::CopyIn => {
+                "Rows loaded with `COPY bench_copy (a, b) FROM STDIN (FORMAT binary)`, an int \
+                 and a short text each, into an emptied table, one COPY per repetition: \
+                 pgengine's `copy_in_rows` against tokio-postgres's `BinaryCopyInWriter`, \
+                 which pgengine uses underneath. The rows are made before the clock starts; \
+                 the figure is the COPY alone, from its start to the server's row count."
+            }
             Workload::AtomicProxy => {
                 "The same atomic through an in-process TCP proxy that delivers every chunk at \
                  least 1 ms late in each direction (tokio's millisecond timer rounds up, so a \

@@ -28,6 +28,8 @@ pub struct Plan {
     /// pgbench scale: 100 000 accounts per unit.
     pub scale: u32,
     pub stream_rows: u64,
+    /// Rows of each COPY in.
+    pub copy_rows: u64,
     /// Rows of the big streaming table, when `--big` is given.
     pub big_rows: Option<u64>,
     pub timing: Timing,
@@ -172,6 +174,9 @@ impl Runner {
                 _ => stream::measure_in_child(system, &self.url, table, rows).await,
             };
         }
+        if workload == Workload::CopyIn {
+            return self.copy_in(system).await;
+        }
         let proxied = workload == Workload::AtomicProxy;
         let (url, timing) = if proxied {
             (self.proxy_url.as_str(), self.plan.proxy_timing)
@@ -277,6 +282,28 @@ impl Runner {
             other => bail!("{} cannot run {}", other.name(), workload.title()),
         };
         Ok(measured)
+    }
+
+    /// One COPY of the plan's rows into an empty table.
+    async fn copy_in(&self, system: System) -> Result<Sample> {
+        data::reset_copy(&self.url).await?;
+        let rows: Vec<(i32, String)> = (0..self.plan.copy_rows as i32)
+            .map(|i| (i, format!("row number {i}")))
+            .collect();
+        let (copied, took) = match system {
+            #[cfg(feature = "pgengine")]
+            System::Pgengine => crate::systems::pgengine::copy_in(&self.url, &rows).await?,
+            System::TokioPostgres => crate::systems::tokio_pg::copy_in(&self.url, &rows).await?,
+            other => bail!("{} cannot run {}", other.name(), Workload::CopyIn.title()),
+        };
+        if copied != self.plan.copy_rows {
+            bail!("copied {copied} rows of {}", self.plan.copy_rows);
+        }
+        Ok(Sample {
+            ops: copied,
+            secs: took.as_secs_f64(),
+            ..Sample::default()
+        })
     }
 
     fn piccolo(&self) -> Result<&Piccolo> {

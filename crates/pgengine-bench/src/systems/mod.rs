@@ -78,6 +78,9 @@ impl System {
 
     /// Whether the system can express the workload at all.
     pub fn supports(self, workload: Workload) -> bool {
+        if workload == Workload::CopyIn {
+            return matches!(self, System::Pgengine | System::TokioPostgres);
+        }
         if workload == Workload::ReplicaReads {
             return matches!(
                 self,

@@ -150,3 +150,25 @@ pub async fn stream(
     engine.close_connection_pool().await;
     Ok(())
 }
+
+/// Loads `rows` into `bench_copy` with a binary COPY on a fresh engine; returns the rows
+/// copied and the time the COPY took (the engine's start not counted).
+pub async fn copy_in(url: &str, rows: &[(i32, String)]) -> Result<(u64, std::time::Duration)> {
+    use pgengine::types::{ToSql, Type};
+    let engine = engine(url, 1).await?;
+    let started = std::time::Instant::now();
+    let copied = engine
+        .copy_in_rows(
+            "COPY bench_copy (a, b) FROM STDIN (FORMAT binary)",
+            &[Type::INT4, Type::TEXT],
+            rows.iter()
+                .map(|(a, b)| [a as &(dyn ToSql + Sync), b as _])
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|row| &row[..]),
+        )
+        .await?;
+    let took = started.elapsed();
+    engine.close_connection_pool().await;
+    Ok((copied, took))
+}

@@ -71,7 +71,7 @@ impl Piccolo {
             Workload::Tpcb => "tpcb",
             Workload::Atomic | Workload::AtomicProxy => "atomic",
             Workload::EmptyTx => "empty_tx",
-            Workload::Stream | Workload::StreamBig | Workload::ReplicaReads => {
+            Workload::Stream | Workload::StreamBig | Workload::ReplicaReads | Workload::CopyIn => {
                 bail!("not a workload Piccolo runs here")
             }
         };

@@ -83,3 +83,23 @@ impl Session for TokioPgSession {
         Ok(())
     }
 }
+
+/// Loads `rows` into `bench_copy` with the driver's `BinaryCopyInWriter`; returns the
+/// rows copied and the time the COPY took (connecting not counted).
+pub async fn copy_in(url: &str, rows: &[(i32, String)]) -> Result<(u64, std::time::Duration)> {
+    use futures::pin_mut;
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    let client = connect(url).await?;
+    let started = std::time::Instant::now();
+    let sink = client
+        .copy_in("COPY bench_copy (a, b) FROM STDIN (FORMAT binary)")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT]);
+    pin_mut!(writer);
+    for (a, b) in rows {
+        writer.as_mut().write(&[a, b]).await?;
+    }
+    let copied = writer.finish().await?;
+    Ok((copied, started.elapsed()))
+}

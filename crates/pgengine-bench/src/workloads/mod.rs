@@ -17,6 +17,8 @@ pub enum Workload {
     Atomic,
     /// The same atomic through a proxy adding 1 ms each way.
     AtomicProxy,
+    /// Loading rows with a binary `COPY … FROM STDIN`.
+    CopyIn,
     /// Streaming the whole `bench_stream` table in batches.
     Stream,
     /// Streaming the big table (`--big`), to show memory stays flat.
@@ -30,12 +32,13 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::PointSelect1,
         Workload::PointSelect32,
         Workload::Tpcb,
         Workload::Atomic,
         Workload::AtomicProxy,
+        Workload::CopyIn,
         Workload::Stream,
         Workload::StreamBig,
         Workload::EmptyTx,
@@ -50,6 +53,7 @@ impl Workload {
             Workload::Tpcb => "tpcb_c16",
             Workload::Atomic => "atomic_100",
             Workload::AtomicProxy => "atomic_100_proxy",
+            Workload::CopyIn => "copy_in",
             Workload::Stream => "stream",
             Workload::StreamBig => "stream_big",
             Workload::EmptyTx => "empty_tx_c16",
@@ -65,6 +69,7 @@ impl Workload {
             Workload::Tpcb => "2. TPC-B-like transaction, c=16",
             Workload::Atomic => "3. atomic of 100 inserts",
             Workload::AtomicProxy => "3. atomic of 100 inserts, +1 ms each way",
+            Workload::CopyIn => "3. COPY in (binary)",
             Workload::Stream => "4. batch streaming",
             Workload::StreamBig => "4. batch streaming, big table",
             Workload::EmptyTx => "5. empty transaction, c=16",
@@ -89,7 +94,7 @@ impl Workload {
             }
             Workload::Tpcb | Workload::EmptyTx => "tx/s",
             Workload::Atomic | Workload::AtomicProxy => "atomics/s",
-            Workload::Stream | Workload::StreamBig => "rows/s",
+            Workload::Stream | Workload::StreamBig | Workload::CopyIn => "rows/s",
         }
     }
 
@@ -107,7 +112,7 @@ impl Workload {
             Workload::Tpcb => Some(Op::Tpcb { accounts }),
             Workload::Atomic | Workload::AtomicProxy => Some(Op::Atomic),
             Workload::EmptyTx => Some(Op::EmptyTx),
-            Workload::Stream | Workload::StreamBig => None,
+            Workload::Stream | Workload::StreamBig | Workload::CopyIn => None,
         }
     }
 }

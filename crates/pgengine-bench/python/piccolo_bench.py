@@ -1,4 +1,5 @@
-"""Piccolo ORM (PostgresEngine on asyncpg) side of the pgengine benchmark.
+"""Piccolo ORM side of the pgengine benchmark: its PostgresEngine on asyncpg, or
+pgengine-piccolo's PgenginePostgresEngine (`--engine pgengine`), the same code else.
 
 Run by the Rust bench binary once per workload and repetition; it prints one
 JSON line on stdout with the measured figures. Every loop is bounded in time
@@ -38,7 +39,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--atomic-size", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--table", default="bench_stream")
+    p.add_argument("--engine", choices=["asyncpg", "pgengine"], default="asyncpg")
     return p.parse_args()
+
+
+def make_engine(args) -> PostgresEngine:
+    """Piccolo's engine on asyncpg, or the drop-in on pgengine."""
+    if args.engine == "pgengine":
+        from pgengine_piccolo import PgenginePostgresEngine
+
+        return PgenginePostgresEngine(config={"dsn": args.url})
+    return PostgresEngine(config={"dsn": args.url})
 
 
 def make_table(engine: PostgresEngine) -> type[Table]:
@@ -111,7 +122,7 @@ OPS = {
 async def closed_loop(args) -> dict:
     """`concurrency` tasks run the op back to back; ops that start during the
     warmup are not counted."""
-    engine = PostgresEngine(config={"dsn": args.url})
+    engine = make_engine(args)
     await engine.start_connection_pool(
         min_size=args.concurrency, max_size=args.concurrency
     )
@@ -154,7 +165,7 @@ async def closed_loop(args) -> dict:
 
 async def batch(args) -> dict:
     """Streams the whole table with `engine.batch` (a server-side cursor)."""
-    engine = PostgresEngine(config={"dsn": args.url})
+    engine = make_engine(args)
     t = make_table(engine)
     query = t.raw(f"SELECT id, label, created, amount FROM {args.table}")
     rows = 0

@@ -138,7 +138,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     data::load(&server.url, &server.bin_dir, plan.scale, &streams).await?;
 
-    let piccolo = if plan.systems.contains(&System::Piccolo) {
+    let piccolo = if plan.systems.contains(&System::Piccolo)
+        || plan.systems.contains(&System::PiccoloPgengine)
+    {
         Piccolo::prepare(&out.join("venv"), !cli.quick)
             .await
             .map_err(|e| format!("{e:#}"))

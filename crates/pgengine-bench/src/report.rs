@@ -93,6 +93,14 @@ impl Report {
         self.get(workload, system)?.throughput
     }
 
+    /// Piccolo on pgengine's throughput divided by Piccolo on asyncpg's.
+    fn python_ratio(&self, workload: Workload) -> Option<f64> {
+        Some(
+            self.throughput(workload, System::PiccoloPgengine)?
+                / self.throughput(workload, System::Piccolo)?,
+        )
+    }
+
     /// pgengine's throughput divided by `peer`'s.
     fn ratio(&self, workload: Workload, peer: System) -> Option<f64> {
         Some(self.throughput(workload, System::Pgengine)? / self.throughput(workload, peer)?)
@@ -145,6 +153,12 @@ impl Report {
             .filter_map(|w| self.ratio(*w, Sqlx))
             .reduce(f64::min);
         let trips = self.get(AtomicProxy, Pgengine).and_then(|s| s.round_trips);
+        let worst_python = self
+            .plan
+            .workloads
+            .iter()
+            .filter_map(|w| self.python_ratio(*w))
+            .reduce(f64::min);
         vec![
             at_least(
                 "point select c=32: pgengine ≥ 0.95× tokio-postgres",
@@ -191,6 +205,16 @@ impl Report {
                 "every workload: pgengine ≥ 1.0× sqlx (worst ratio)",
                 worst_vs_sqlx,
                 1.0,
+            ),
+            at_least(
+                "every workload: Piccolo on pgengine ≥ 1.0× Piccolo on asyncpg (worst ratio)",
+                worst_python,
+                1.0,
+            ),
+            at_least(
+                "atomic: Piccolo on pgengine ≥ 3× Piccolo on asyncpg",
+                self.python_ratio(Atomic),
+                3.0,
             ),
         ]
     }

@@ -12,7 +12,7 @@ use crate::data::{self, STREAM_BIG_TABLE, STREAM_TABLE};
 use crate::measure::{Sample, Session, Timing, Window, closed_loop};
 use crate::proxy::DelayProxy;
 use crate::systems::deadpool::{self, DeadpoolSession};
-use crate::systems::piccolo::Piccolo;
+use crate::systems::piccolo::{Piccolo, PiccoloEngine};
 use crate::systems::sqlx::{self as sqlx_sys, SqlxSession};
 use crate::systems::tokio_pg::TokioPgSession;
 use crate::systems::{System, pgbench, stream};
@@ -160,6 +160,10 @@ impl Runner {
                 Some("built without the `pgengine` feature".into())
             }
             System::Piccolo => self.piccolo.as_ref().err().cloned(),
+            System::PiccoloPgengine => match &self.piccolo {
+                Err(reason) => Some(reason.clone()),
+                Ok(piccolo) => piccolo.pgengine.clone().err(),
+            },
             System::PgengineReplica | System::PgengineBoth => self.replica.as_ref().err().cloned(),
             _ => None,
         }
@@ -170,7 +174,14 @@ impl Runner {
         if workload.is_stream() {
             let (table, rows) = self.plan.stream_table(workload);
             return match system {
-                System::Piccolo => self.piccolo()?.stream(&self.url, table).await,
+                System::Piccolo => {
+                    let engine = PiccoloEngine::Asyncpg;
+                    self.piccolo()?.stream(engine, &self.url, table).await
+                }
+                System::PiccoloPgengine => {
+                    let engine = PiccoloEngine::Pgengine;
+                    self.piccolo()?.stream(engine, &self.url, table).await
+                }
                 _ => stream::measure_in_child(system, &self.url, table, rows).await,
             };
         }
@@ -266,11 +277,15 @@ impl Runner {
                 engine.close_connection_pool().await;
                 result?
             }
-            System::Piccolo => {
+            System::Piccolo | System::PiccoloPgengine => {
+                let engine = match system {
+                    System::Piccolo => PiccoloEngine::Asyncpg,
+                    _ => PiccoloEngine::Pgengine,
+                };
                 let accounts = self.plan.accounts();
                 let (sample, window) = self
                     .piccolo()?
-                    .closed_loop(url, workload, accounts, timing)
+                    .closed_loop(engine, url, workload, accounts, timing)
                     .await?;
                 (sample, Some(window))
             }

@@ -27,6 +27,8 @@ pub enum System {
     Sqlx,
     /// Piccolo ORM's `PostgresEngine` on asyncpg (Python).
     Piccolo,
+    /// Piccolo ORM on pgengine-piccolo's `PgenginePostgresEngine`, the same code.
+    PiccoloPgengine,
     /// pgbench (C, libpq): the practical ceiling.
     Pgbench,
     /// `COPY … TO STDOUT (FORMAT binary)` through tokio-postgres: the streaming ceiling.
@@ -41,12 +43,13 @@ pub enum System {
 
 impl System {
     /// Every system, in report order (pgengine first: the others are compared to it).
-    pub const ALL: [System; 9] = [
+    pub const ALL: [System; 10] = [
         System::Pgengine,
         System::TokioPostgres,
         System::Deadpool,
         System::Sqlx,
         System::Piccolo,
+        System::PiccoloPgengine,
         System::Pgbench,
         System::Copy,
         System::PgengineReplica,
@@ -61,6 +64,7 @@ impl System {
             System::Deadpool => "deadpool-postgres",
             System::Sqlx => "sqlx",
             System::Piccolo => "piccolo (asyncpg)",
+            System::PiccoloPgengine => "piccolo (pgengine)",
             System::Pgbench => "pgbench",
             System::Copy => "COPY binary",
             System::PgengineReplica => "pgengine, reads on the replica",
@@ -98,7 +102,7 @@ impl System {
             ),
             System::Copy => workload.is_stream(),
             // Python streams ten million rows too slowly for a run of minutes.
-            System::Piccolo => workload != Workload::StreamBig,
+            System::Piccolo | System::PiccoloPgengine => workload != Workload::StreamBig,
             _ => true,
         }
     }

@@ -1,5 +1,7 @@
-//! Piccolo ORM's `PostgresEngine` on asyncpg, run as a Python script
-//! (`python/piccolo_bench.py`) in a virtualenv the runner creates.
+//! Piccolo ORM, run as a Python script (`python/piccolo_bench.py`) in a virtualenv the
+//! runner creates: its `PostgresEngine` on asyncpg, and pgengine-piccolo's
+//! `PgenginePostgresEngine` (built in release into the same virtualenv) running the
+//! same code.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,9 +17,24 @@ use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Workload};
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/piccolo_bench.py");
 const REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/requirements.txt");
 
-/// A ready virtualenv with Piccolo and asyncpg installed.
+/// The pgengine-piccolo package, built into the virtualenv.
+const PACKAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pgengine-py");
+/// The maturin that builds it (as `.ci/run` pins it).
+const MATURIN: &str = "maturin==1.9.6";
+
+/// Which engine Piccolo runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PiccoloEngine {
+    Asyncpg,
+    Pgengine,
+}
+
+/// A ready virtualenv with Piccolo and asyncpg installed, and pgengine-piccolo when it
+/// could be built.
 pub struct Piccolo {
     python: PathBuf,
+    /// Why Piccolo on pgengine cannot run, if it cannot.
+    pub pgengine: Result<(), String>,
 }
 
 impl Piccolo {
@@ -28,7 +45,8 @@ impl Piccolo {
         let marker = dir.join(".requirements-installed");
         let wanted = std::fs::read_to_string(REQUIREMENTS)?;
         if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-            return Ok(Self { python });
+            let pgengine = Self::build_pgengine(dir, &python, install).await;
+            return Ok(Self { python, pgengine });
         }
         if !install {
             bail!(
@@ -55,12 +73,52 @@ impl Piccolo {
         .await
         .context("pip install of the pinned requirements failed")?;
         std::fs::write(&marker, wanted)?;
-        Ok(Self { python })
+        let pgengine = Self::build_pgengine(dir, &python, install).await;
+        Ok(Self { python, pgengine })
+    }
+
+    /// Builds pgengine-piccolo (release) into the virtualenv when `install` is set;
+    /// then checks that it imports.
+    async fn build_pgengine(dir: &Path, python: &Path, install: bool) -> Result<(), String> {
+        if install {
+            eprintln!(
+                "building pgengine-piccolo (release) into {} …",
+                dir.display()
+            );
+            let built = async {
+                run_quietly(Command::new(python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    MATURIN,
+                ]))
+                .await?;
+                run_quietly(
+                    Command::new(dir.join("bin/maturin"))
+                        .args(["develop", "--release", "--quiet"])
+                        .current_dir(PACKAGE)
+                        .env("VIRTUAL_ENV", dir),
+                )
+                .await
+            };
+            built
+                .await
+                .map_err(|e| format!("could not build pgengine-piccolo: {e:#}"))?;
+        }
+        run_quietly(Command::new(python).args(["-c", "import pgengine_piccolo"]))
+            .await
+            .map_err(|_| {
+                "pgengine-piccolo is not built in the virtualenv (run once without --quick)"
+                    .to_owned()
+            })
     }
 
     /// Runs a closed-loop workload; returns the sample and its wall-clock window.
     pub async fn closed_loop(
         &self,
+        engine: PiccoloEngine,
         url: &str,
         workload: Workload,
         accounts: i32,
@@ -91,6 +149,8 @@ impl Piccolo {
                 accounts.to_string(),
                 "--atomic-size".into(),
                 ATOMIC_INSERTS.to_string(),
+                "--engine".into(),
+                engine.arg().into(),
             ])
             .await?;
         let at = |secs: f64| UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0));
@@ -109,7 +169,7 @@ impl Piccolo {
     }
 
     /// Streams `table` with `engine.batch`.
-    pub async fn stream(&self, url: &str, table: &str) -> Result<Sample> {
+    pub async fn stream(&self, engine: PiccoloEngine, url: &str, table: &str) -> Result<Sample> {
         let out: Output = self
             .run(&[
                 "--url".into(),
@@ -120,6 +180,8 @@ impl Piccolo {
                 table.into(),
                 "--batch-size".into(),
                 BATCH_SIZE.to_string(),
+                "--engine".into(),
+                engine.arg().into(),
             ])
             .await?;
         Ok(Sample {
@@ -148,6 +210,15 @@ impl Piccolo {
             .last()
             .context("piccolo script printed nothing")?;
         Ok(serde_json::from_str(line)?)
+    }
+}
+
+impl PiccoloEngine {
+    fn arg(self) -> &'static str {
+        match self {
+            PiccoloEngine::Asyncpg => "asyncpg",
+            PiccoloEngine::Pgengine => "pgengine",
+        }
     }
 }
 

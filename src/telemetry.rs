@@ -12,7 +12,9 @@
 //!
 //! Spans are at `INFO`: query spans under target `pgengine::query`, transaction spans
 //! under `pgengine::transaction`, batch spans under `pgengine::batch`. When no
-//! subscriber wants them, creating one costs a check of the callsite's interest.
+//! subscriber wants them, creating one costs a check of the callsite's interest; with
+//! no `tracing` subscriber at all, none is made (not even for `tracing`'s `log`
+//! fallback, which would otherwise format every span's fields).
 
 use tokio_postgres::config::Host;
 use tracing::Span;
@@ -52,19 +54,22 @@ impl Telemetry {
     /// The span of one query, a child of `parent` (the transaction's or batch's span)
     /// or else of the current span.
     pub(crate) fn query_span(&self, sql: &str, parent: Option<&Span>) -> Span {
-        let operation = operation_name(sql);
+        if !tracing::dispatcher::has_been_set() {
+            return Span::none();
+        }
+        // Field values are computed only when a subscriber wants the span.
         macro_rules! query_span {
             ($($parent:tt)*) => {
                 tracing::info_span!(
                     target: "pgengine::query",
                     $($parent)*
                     "query",
-                    otel.name = operation,
+                    otel.name = span_name(operation_name(sql)),
                     otel.kind = "client",
                     otel.status_code = Empty,
                     db.system.name = "postgresql",
                     db.namespace = %self.namespace,
-                    db.operation.name = operation,
+                    db.operation.name = operation_name(sql),
                     db.query.text = sql,
                     server.address = %self.address,
                     server.port = self.port,
@@ -82,6 +87,9 @@ impl Telemetry {
     /// The span of one transaction on the server (one attempt of a retried one), a
     /// child of the current span; `db.transaction.outcome` says how it ended.
     pub(crate) fn transaction_span(&self, attempt: u32) -> Span {
+        if !tracing::dispatcher::has_been_set() {
+            return Span::none();
+        }
         tracing::info_span!(
             target: "pgengine::transaction",
             "transaction",
@@ -102,6 +110,9 @@ impl Telemetry {
     /// The span of one batch, from its first row to its last; `db.response.returned_rows`
     /// counts what it streamed.
     pub(crate) fn batch_span(&self, sql: &str, batch_size: usize, parent: Option<&Span>) -> Span {
+        if !tracing::dispatcher::has_been_set() {
+            return Span::none();
+        }
         macro_rules! batch_span {
             ($($parent:tt)*) => {
                 tracing::info_span!(
@@ -164,6 +175,16 @@ fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Transaction => "transaction",
         ErrorKind::RowNotFound => "row_not_found",
         ErrorKind::TooManyRows => "too_many_rows",
+    }
+}
+
+/// The name of a query's span: its operation, or `postgresql` when it has none (as
+/// OpenTelemetry's conventions name a span without one).
+fn span_name(operation: &'static str) -> &'static str {
+    if operation.is_empty() {
+        "postgresql"
+    } else {
+        operation
     }
 }
 

@@ -10,6 +10,7 @@
 //! `prefer-standby`: a standby, else the first server that answered).
 
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use deadpool_postgres::{ClientWrapper, Connect};
@@ -61,14 +62,15 @@ impl ServerRole {
 #[derive(Debug)]
 pub(crate) struct Session {
     client: ClientWrapper,
-    server: Option<ServerAddress>,
+    /// Shared with the connector (boxed: a pooled session is moved on every checkout).
+    server: Option<Arc<ServerAddress>>,
 }
 
 impl Session {
     /// Where this session's server takes cancel requests; `None` when it is not known
     /// (a host name's or `hostaddr`'s address list the driver chose from).
     pub(crate) fn server(&self) -> Option<&ServerAddress> {
-        self.server.as_ref()
+        self.server.as_deref()
     }
 }
 
@@ -93,7 +95,7 @@ pub(crate) struct ServerConnector {
     /// The whole configuration, for one host.
     pg: Config,
     /// With several hosts: one configuration per host, in the order given.
-    hosts: Vec<(Config, Option<ServerAddress>)>,
+    hosts: Vec<(Config, Option<Arc<ServerAddress>>)>,
     shuffle: bool,
 }
 
@@ -112,7 +114,7 @@ impl ServerConnector {
     pub(crate) fn new(pg: Config, tls: Tls, role: ServerRole, hosts: &[Config]) -> Self {
         let hosts = hosts
             .iter()
-            .map(|host| (host.clone(), ServerAddress::of(host)))
+            .map(|host| (host.clone(), ServerAddress::of(host).map(Arc::new)))
             .collect();
         Self {
             tls,
@@ -174,7 +176,7 @@ impl ServerConnector {
         let (client, task) = self.tls.connect(pg).await?;
         Ok(Session {
             client: ClientWrapper::new(client, task),
-            server: ServerAddress::of(pg),
+            server: ServerAddress::of(pg).map(Arc::new),
         })
     }
 }

@@ -77,8 +77,9 @@ pub struct Runner {
     context: Arc<EngineContext>,
     connection: Lent,
     transaction: Option<Arc<TxShared>>,
-    /// The span its requests' spans are children of, when not the transaction's.
-    span: Option<Span>,
+    /// The span its requests' spans are children of, when not the transaction's (a
+    /// batch's; boxed: a runner is moved whole on every query's path).
+    span: Option<Box<Span>>,
 }
 
 // A runner lives on the stack for one operation; boxing the pooled connection would
@@ -193,14 +194,14 @@ impl Runner {
 
     /// Makes `span` the parent of the spans of the runner's requests.
     pub(crate) fn set_span(&mut self, span: Span) {
-        self.span = Some(span);
+        self.span = Some(Box::new(span));
     }
 
     /// The parent of the spans of the runner's requests: its own, else its
     /// transaction's, else (`None`) the current span.
     pub(crate) fn span(&self) -> Option<&Span> {
         self.span
-            .as_ref()
+            .as_deref()
             .or_else(|| self.transaction.as_ref().map(|tx| tx.span()))
     }
 

@@ -8,6 +8,8 @@
 # PgenginePostgresEngine (the one-line change a user makes), and lets tests/base.py's
 # "running on Postgres" check accept a subclass (`isinstance`, not `type(...) is`). Needs
 # the venv of .ci/run (target/python-venv, with the package built) plus python-dateutil.
+# PICCOLO_CONF=tests.postgres_conf runs the same tests on Piccolo's own engine (asyncpg),
+# for a baseline.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,7 +38,7 @@ asyncio.run(main())"
 
 cd "$work"
 status=0
-PICCOLO_CONF=tests.pgengine_conf PG_HOST=localhost PG_PORT=$port \
+PICCOLO_CONF=${PICCOLO_CONF:-tests.pgengine_conf} PG_HOST=localhost PG_PORT=$port \
   "$python" -m pytest -q -p no:cacheprovider "${@:-tests}" || status=$?
 exec {PG[1]}>&-   # closing its stdin stops the cluster
 wait

@@ -102,9 +102,10 @@ impl Runner {
     }
 
     /// Runs the plan, printing a line per measurement to stderr.
-    pub async fn run(&self) -> Vec<Outcome> {
+    /// Runs the plan's workloads that `selected` keeps.
+    pub async fn run(&self, selected: impl Fn(Workload) -> bool) -> Vec<Outcome> {
         let mut all = Vec::new();
-        for &workload in &self.plan.workloads {
+        for &workload in self.plan.workloads.iter().filter(|w| selected(**w)) {
             let mut outcomes: Vec<Outcome> = self
                 .plan
                 .systems

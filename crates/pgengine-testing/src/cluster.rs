@@ -526,7 +526,16 @@ impl EphemeralCluster {
             .arg(&standby.data_dir)
             .arg("-h")
             .arg(self.address.to_string())
-            .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync"])
+            // A fast checkpoint: after a large load, the default spread one takes minutes.
+            .args([
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+                "--checkpoint=fast",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .output()

@@ -202,7 +202,11 @@ impl Piccolo {
             .await?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            bail!("piccolo script failed: {}", last_lines(&stderr, 3));
+            bail!(
+                "piccolo script failed ({}): {}",
+                output.status,
+                last_lines(&stderr, 3)
+            );
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout

@@ -258,3 +258,32 @@ async fn copy_out_in_transactions_failing_and_dropped() {
     drop(tx);
     crate::common::assert_sessions_clean(&db).await;
 }
+
+/// Through the engine inside the ambient transaction, `copy_out` runs in that
+/// transaction: it sees the transaction's rows.
+#[tokio::test]
+async fn copy_out_joins_the_ambient_transaction() {
+    let (db, engine) = engine_with_band(1).await;
+    let seen = engine
+        .transaction()
+        .run(async |tx| {
+            tx.execute("INSERT INTO band VALUES ('ambient', 1)").await?;
+            let data: Vec<bytes::Bytes> = engine
+                .copy_out("COPY band (name) TO STDOUT")
+                .await?
+                .try_collect()
+                .await?;
+            Err::<Vec<u8>, _>(pgengine::Error::invalid_input(
+                String::from_utf8_lossy(&data.concat()).into_owned(),
+            ))
+        })
+        .await
+        .unwrap_err();
+    assert!(seen.to_string().contains("ambient"), "{seen}");
+    assert_eq!(
+        crate::common::count(&engine, "band").await,
+        0,
+        "rolled back"
+    );
+    crate::common::assert_sessions_clean(&db).await;
+}

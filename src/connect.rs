@@ -94,6 +94,8 @@ pub(crate) struct ServerConnector {
     role: ServerRole,
     /// The whole configuration, for one host.
     pg: Config,
+    /// Where that one host takes cancel requests.
+    server: Option<Arc<ServerAddress>>,
     /// With several hosts: one configuration per host, in the order given.
     hosts: Vec<(Config, Option<Arc<ServerAddress>>)>,
     shuffle: bool,
@@ -120,6 +122,7 @@ impl ServerConnector {
             tls,
             role,
             shuffle: pg.get_load_balance_hosts() == LoadBalanceHosts::Random,
+            server: ServerAddress::of(&pg).map(Arc::new),
             pg,
             hosts,
         }
@@ -167,16 +170,16 @@ impl ServerConnector {
             (Some(session), _) => Ok(session),
             (None, Some(error)) => Err(error),
             // Only without hosts, which `connect` never lets through.
-            (None, None) => self.connect_one(&Config::new()).await,
+            (None, None) => self.connect_one().await,
         }
     }
 
-    /// A session on the one server `pg` names.
-    async fn connect_one(&self, pg: &Config) -> Result<Session, tokio_postgres::Error> {
-        let (client, task) = self.tls.connect(pg).await?;
+    /// A session on the configuration's one server.
+    async fn connect_one(&self) -> Result<Session, tokio_postgres::Error> {
+        let (client, task) = self.tls.connect(&self.pg).await?;
         Ok(Session {
             client: ClientWrapper::new(client, task),
-            server: ServerAddress::of(pg).map(Arc::new),
+            server: self.server.clone(),
         })
     }
 }
@@ -205,7 +208,7 @@ impl managed::Manager for ServerConnector {
 
     async fn create(&self) -> Result<Session, tokio_postgres::Error> {
         if self.hosts.is_empty() {
-            self.connect_one(&self.pg).await
+            self.connect_one().await
         } else {
             self.connect_host_by_host().await
         }

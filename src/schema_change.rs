@@ -30,7 +30,7 @@ pub(crate) fn changes_schema(sql: &str) -> bool {
 }
 
 /// The first word of `sql`, after blanks, `--` line comments and `/* */` comments.
-fn first_word(mut sql: &str) -> &str {
+pub(crate) fn first_word(mut sql: &str) -> &str {
     loop {
         sql = sql.trim_start();
         if let Some(rest) = sql.strip_prefix("--") {

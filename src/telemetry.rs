@@ -57,31 +57,24 @@ impl Telemetry {
         if !tracing::dispatcher::has_been_set() {
             return Span::none();
         }
-        // Field values are computed only when a subscriber wants the span.
-        macro_rules! query_span {
-            ($($parent:tt)*) => {
-                tracing::info_span!(
-                    target: "pgengine::query",
-                    $($parent)*
-                    "query",
-                    otel.name = span_name(operation_name(sql)),
-                    otel.kind = "client",
-                    otel.status_code = Empty,
-                    db.system.name = "postgresql",
-                    db.namespace = %self.namespace,
-                    db.operation.name = operation_name(sql),
-                    db.query.text = sql,
-                    server.address = %self.address,
-                    server.port = self.port,
-                    db.response.status_code = Empty,
-                    error.type = Empty,
-                )
-            };
-        }
-        match parent {
-            Some(parent) => query_span!(parent: parent,),
-            None => query_span!(),
-        }
+        // Field values and the parent are computed only when a subscriber wants the
+        // span; without an explicit parent, the current span is the parent.
+        tracing::info_span!(
+            target: "pgengine::query",
+            parent: parent.map_or_else(|| Span::current().id(), Span::id),
+            "query",
+            otel.name = span_name(operation_name(sql)),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            db.system.name = "postgresql",
+            db.namespace = %self.namespace,
+            db.operation.name = operation_name(sql),
+            db.query.text = sql,
+            server.address = %self.address,
+            server.port = self.port,
+            db.response.status_code = Empty,
+            error.type = Empty,
+        )
     }
 
     /// The span of one transaction on the server (one attempt of a retried one), a
@@ -113,32 +106,24 @@ impl Telemetry {
         if !tracing::dispatcher::has_been_set() {
             return Span::none();
         }
-        macro_rules! batch_span {
-            ($($parent:tt)*) => {
-                tracing::info_span!(
-                    target: "pgengine::batch",
-                    $($parent)*
-                    "batch",
-                    otel.name = "batch",
-                    otel.kind = "client",
-                    otel.status_code = Empty,
-                    db.system.name = "postgresql",
-                    db.namespace = %self.namespace,
-                    db.operation.name = operation_name(sql),
-                    db.query.text = sql,
-                    server.address = %self.address,
-                    server.port = self.port,
-                    pgengine.batch_size = batch_size,
-                    db.response.returned_rows = Empty,
-                    db.response.status_code = Empty,
-                    error.type = Empty,
-                )
-            };
-        }
-        match parent {
-            Some(parent) => batch_span!(parent: parent,),
-            None => batch_span!(),
-        }
+        tracing::info_span!(
+            target: "pgengine::batch",
+            parent: parent.map_or_else(|| Span::current().id(), Span::id),
+            "batch",
+            otel.name = "batch",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            db.system.name = "postgresql",
+            db.namespace = %self.namespace,
+            db.operation.name = operation_name(sql),
+            db.query.text = sql,
+            server.address = %self.address,
+            server.port = self.port,
+            pgengine.batch_size = batch_size,
+            db.response.returned_rows = Empty,
+            db.response.status_code = Empty,
+            error.type = Empty,
+        )
     }
 }
 
@@ -244,30 +229,12 @@ pub(crate) fn operation_name(sql: &str) -> &'static str {
         "SECURITY",
         "ABORT",
     ];
-    let word = first_word(sql);
+    let word = crate::schema_change::first_word(sql);
     KNOWN
         .iter()
         .find(|known| known.eq_ignore_ascii_case(word))
         .copied()
         .unwrap_or("")
-}
-
-/// The first word of `sql` after blanks, `--` comments and `/* */` comments.
-fn first_word(mut sql: &str) -> &str {
-    loop {
-        sql = sql.trim_start();
-        if let Some(rest) = sql.strip_prefix("--") {
-            sql = rest.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(rest) = sql.strip_prefix("/*") {
-            sql = rest.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            break;
-        }
-    }
-    let end = sql
-        .find(|c: char| !c.is_ascii_alphabetic())
-        .unwrap_or(sql.len());
-    &sql[..end]
 }
 
 #[cfg(test)]

@@ -115,6 +115,32 @@ pub(crate) struct EngineSettings {
     /// With several hosts or a [`ServerRole`] other than `Any`: one configuration per
     /// host, in order.
     pub hosts_in_order: Vec<tokio_postgres::Config>,
+    /// Shared connections for autocommit statements (none by default).
+    pub multiplex: MultiplexSettings,
+}
+
+/// How autocommit statements share connections ([`EngineBuilder::multiplex`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MultiplexSettings {
+    /// The shared connections, taken from the pool's `max_connections`; `0`: none,
+    /// every statement takes a connection of its own.
+    pub connections: usize,
+    /// The most requests sent and not yet answered on one shared connection.
+    pub max_in_flight: usize,
+    /// A connection whose oldest unanswered request has run this long is stalled: it
+    /// takes no new request until that one is answered.
+    pub stall_after: Duration,
+}
+
+impl Default for MultiplexSettings {
+    /// Off; once on, 32 requests in flight per connection, stalled after 10 ms.
+    fn default() -> Self {
+        Self {
+            connections: 0,
+            max_in_flight: 32,
+            stall_after: Duration::from_millis(10),
+        }
+    }
 }
 
 /// How read-only work picks among the read replicas
@@ -151,6 +177,7 @@ impl Default for EngineSettings {
             max_replica_lag: None,
             server_role: ServerRole::Any,
             hosts_in_order: Vec::new(),
+            multiplex: MultiplexSettings::default(),
         }
     }
 }
@@ -619,6 +646,18 @@ impl EngineBuilder {
                 "max_connections must be at least 1",
             ));
         }
+        let multiplex = &self.settings.multiplex;
+        if multiplex.connections > 0 && multiplex.connections >= self.settings.max_connections {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "multiplex({}) takes its shared connections from max_connections ({}), \
+                     which must be larger: transactions and batches need connections of \
+                     their own",
+                    multiplex.connections, self.settings.max_connections
+                ),
+            ));
+        }
         let parts = &self.pg;
         let network = &self.network;
         let replace_hosts = !parts.get_hosts().is_empty()
@@ -710,6 +749,66 @@ impl EngineBuilder {
     /// ```
     pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
         self.settings.statement_cache_capacity = Some(capacity);
+        self
+    }
+
+    /// Runs statements outside transactions on `connections` shared connections,
+    /// pipelined back to back with other callers' statements, instead of taking a
+    /// connection each (`0`, the default, turns it off). On a server with few cores
+    /// this serves many concurrent callers with a handful of backends.
+    ///
+    /// Only a single statement that cannot touch the session's own state is shared:
+    /// one starting with `SELECT`, `WITH`, `VALUES`, `TABLE`, `INSERT`, `UPDATE` or
+    /// `DELETE`, without `;`, and naming none of the functions and objects that read or
+    /// change a session (`set_config`, advisory locks, `pg_temp`, `currval`, `lastval`,
+    /// `pg_backend_pid`, `SELECT … INTO`). Transactions, batches, COPY and `run_ddl` keep
+    /// a connection of their own, as does everything when the shared connections are
+    /// full or stalled (see [`multiplex_max_in_flight`](Self::multiplex_max_in_flight) and
+    /// [`multiplex_stall_after`](Self::multiplex_stall_after)).
+    /// [`PostgresEngine::exclusive`](crate::PostgresEngine::exclusive) gives a
+    /// connection of its own to a query the engine cannot judge, such as a call of your
+    /// function that sets a session variable.
+    ///
+    /// A shared request whose future is dropped is not cancelled (a cancel request would
+    /// stop whatever the backend runs then, maybe another caller's statement): it runs
+    /// to its end, and its answer is dropped. The shared connections count against
+    /// [`max_connections`](Self::max_connections), which must be larger.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().max_connections(32).multiplex(4);
+    /// # let _ = builder;
+    /// ```
+    pub fn multiplex(mut self, connections: usize) -> Self {
+        self.settings.multiplex.connections = connections;
+        self
+    }
+
+    /// With [`multiplex`](Self::multiplex): the most requests sent and not yet
+    /// answered on one shared connection (default 32). A request finding every shared
+    /// connection full takes a connection of its own.
+    ///
+    /// ```
+    /// let builder = pgengine::EngineBuilder::new().multiplex(4).multiplex_max_in_flight(8);
+    /// # let _ = builder;
+    /// ```
+    pub fn multiplex_max_in_flight(mut self, max: usize) -> Self {
+        self.settings.multiplex.max_in_flight = max.max(1);
+        self
+    }
+
+    /// With [`multiplex`](Self::multiplex): how long the oldest unanswered request of a
+    /// shared connection may run before the connection counts as stalled (default
+    /// 10 ms). A stalled connection takes no new request until that one is answered, so
+    /// a slow statement delays only the requests queued behind it before then — at most
+    /// `max_in_flight - 1` of them.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgengine::EngineBuilder::new().multiplex(4).multiplex_stall_after(Duration::from_millis(5));
+    /// # let _ = builder;
+    /// ```
+    pub fn multiplex_stall_after(mut self, after: Duration) -> Self {
+        self.settings.multiplex.stall_after = after;
         self
     }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::EngineSettings;
 use crate::error::{Error, Result};
+use crate::multiplex::Multiplexer;
 use crate::pool::{Connection, ConnectionPool};
 use crate::query_log::QueryLog;
 use crate::routing::ReadRouting;
@@ -21,6 +22,9 @@ pub(crate) struct EngineContext {
     /// Tells engines apart in a task's ambient transactions.
     pub(crate) id: u64,
     pub(crate) pool: ConnectionPool,
+    /// The connections of `pool` that statements outside transactions share (none
+    /// unless multiplexing is on).
+    pub(crate) multiplexer: Multiplexer,
     /// Connections for `run_sync`, opened and driven on pgengine's own runtime, so that
     /// a blocked caller's runtime never stalls them. Empty until first used.
     pub(crate) sync_pool: ConnectionPool,
@@ -68,6 +72,7 @@ impl EngineContext {
         Ok(Self {
             id: ENGINE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,
+            multiplexer: Multiplexer::new(&settings.multiplex, &settings.lifecycle),
             sync_pool,
             log: QueryLog::new(&settings, Telemetry::new(&pg)),
             routing: ReadRouting::new(settings.replica_policy, settings.max_replica_lag, 0),

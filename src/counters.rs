@@ -11,6 +11,9 @@
 //! - `pgengine_pool_waits_total` (takes that had to wait for a connection) and
 //!   `pgengine_pool_timeouts_total` (takes that gave up), counters;
 //! - `pgengine_pool_wait_seconds`, histogram of those waits;
+//! - `pgengine_pool_multiplexed_total` (statements run on a shared connection) and
+//!   `pgengine_pool_multiplex_overflows_total` (shareable statements that took a
+//!   connection of their own, the shared ones being full or stalled), counters;
 //! - `pgengine_pool_connections_in_use`, gauge;
 //! - `pgengine_pool_connections_open`, `pgengine_pool_connections_idle` and
 //!   `pgengine_pool_waiters`, gauges, as of the latest checkout or return.
@@ -29,12 +32,14 @@ pub(crate) enum Counter {
     ClosedIdle,
     ClosedUnhealthy,
     ClosedBroken,
+    Multiplexed,
+    MultiplexOverflows,
 }
 
 /// The counters of one pool.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    values: [AtomicU64; 8],
+    values: [AtomicU64; 10],
     /// The `pool` label of its metrics.
     #[cfg(feature = "metrics")]
     pool: metrics::SharedString,
@@ -119,6 +124,14 @@ impl Counters {
             }
             Counter::Timeouts => {
                 metrics::counter!("pgengine_pool_timeouts_total", "pool" => pool.clone())
+                    .increment(n);
+            }
+            Counter::Multiplexed => {
+                metrics::counter!("pgengine_pool_multiplexed_total", "pool" => pool.clone())
+                    .increment(n);
+            }
+            Counter::MultiplexOverflows => {
+                metrics::counter!("pgengine_pool_multiplex_overflows_total", "pool" => pool.clone())
                     .increment(n);
             }
             Counter::WaitMicros => {} // the wait histogram has it

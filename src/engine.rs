@@ -13,6 +13,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::executor::{Executor, sealed};
 use crate::identifier::quote_identifier;
 use crate::listener::{self, Listener};
+use crate::multiplex::SharedConnectionStatus;
+use crate::query::CompiledQuery;
 use crate::runner::Runner;
 use crate::transaction::{PostgresTransaction, TransactionBuilder, ambient};
 use crate::version::ServerVersion;
@@ -33,6 +35,9 @@ use crate::version::ServerVersion;
 #[derive(Clone)]
 pub struct PostgresEngine {
     context: Arc<EngineContext>,
+    /// Statements through this handle never share a connection (see
+    /// [`exclusive`](Self::exclusive)).
+    exclusive: bool,
 }
 
 impl PostgresEngine {
@@ -97,6 +102,7 @@ impl PostgresEngine {
         let context = EngineContext::new(pg, settings)?.with_others(nodes, replicas);
         let engine = Self {
             context: Arc::new(context),
+            exclusive: false,
         };
         let version = engine.get_version().await?;
         if version < ServerVersion::MINIMUM_SUPPORTED {
@@ -126,6 +132,7 @@ impl PostgresEngine {
         let context = self.context.nodes.get(name)?;
         Some(PostgresEngine {
             context: context.clone(),
+            exclusive: self.exclusive,
         })
     }
 
@@ -146,7 +153,29 @@ impl PostgresEngine {
             Some((replica, _connection)) => replica,
             None => self.context.clone(),
         };
-        PostgresEngine { context }
+        PostgresEngine {
+            context,
+            exclusive: self.exclusive,
+        }
+    }
+
+    /// A handle on the same engine whose statements each take a connection of their
+    /// own, never one shared with other callers (see [`EngineBuilder::multiplex`]): for
+    /// long statements, which would hold up the statements queued behind them, and for
+    /// what the engine cannot judge, such as a call of your own function that changes
+    /// a session setting. Without multiplexing, it changes nothing.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// let report = engine.exclusive().fetch("SELECT count(*) FROM band").await?;
+    /// # Ok(()) });
+    /// ```
+    pub fn exclusive(&self) -> PostgresEngine {
+        PostgresEngine {
+            context: self.context.clone(),
+            exclusive: true,
+        }
     }
 
     /// Renews every prepared statement of the engine's connections at its next use:
@@ -195,8 +224,9 @@ impl PostgresEngine {
     }
 
     /// Opens every connection of the pool up front, so that no query pays for a
-    /// handshake. Only the missing ones are opened, and connections in use are not
-    /// waited for: calling it again, or while queries run, is harmless.
+    /// handshake: the shared connections first (with multiplexing), then the others.
+    /// Only the missing ones are opened, and connections in use are not waited for:
+    /// calling it again, or while queries run, is harmless.
     ///
     /// ```
     /// # pgengine_testing::doctest(async |engine| {
@@ -205,6 +235,10 @@ impl PostgresEngine {
     /// # Ok(()) });
     /// ```
     pub async fn start_connection_pool(&self) -> Result<()> {
+        self.context
+            .multiplexer
+            .open_all(&self.context.pool)
+            .await?;
         // Holding every idle connection and as many new ones as are missing makes the
         // pool open the missing ones; none of these takes waits for a busy connection.
         let pool = &self.context.pool;
@@ -244,6 +278,12 @@ impl PostgresEngine {
         let pools: Vec<_> = contexts
             .flat_map(|context| [&context.pool, &context.sync_pool])
             .collect();
+        for context in std::iter::once(&self.context)
+            .chain(self.context.nodes.values())
+            .chain(&self.context.replicas)
+        {
+            context.multiplexer.close();
+        }
         for pool in &pools {
             pool.close();
         }
@@ -270,7 +310,13 @@ impl PostgresEngine {
         let status = self.context.pool.status();
         let counters = self.context.pool.counters();
         let count = |counter| counters.get(counter);
+        let shared = self.context.multiplexer.status();
         PoolStatus {
+            shared: shared.len(),
+            shared_in_flight: shared.iter().map(|s| s.in_flight).sum(),
+            shared_stalled: shared.iter().filter(|s| s.stalled).count(),
+            multiplexed: count(Counter::Multiplexed),
+            multiplex_overflows: count(Counter::MultiplexOverflows),
             max_size: status.max_size,
             size: status.size,
             available: status.available,
@@ -284,6 +330,18 @@ impl PostgresEngine {
             closed_unhealthy: count(Counter::ClosedUnhealthy),
             closed_broken: count(Counter::ClosedBroken),
         }
+    }
+
+    /// What each shared connection is doing (see [`EngineBuilder::multiplex`]): its
+    /// requests in flight, and whether it is stalled. Empty without multiplexing.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// let queued: usize = engine.shared_connections().iter().map(|s| s.in_flight).sum();
+    /// # Ok(()) });
+    /// ```
+    pub fn shared_connections(&self) -> Vec<SharedConnectionStatus> {
+        self.context.multiplexer.status()
     }
 
     /// The server's version, e.g. `16.10`.
@@ -499,11 +557,32 @@ pub struct PoolStatus {
     /// Connections closed because they broke (a connection failure, or an abandoned
     /// request or transaction that could not be undone for sure).
     pub closed_broken: u64,
+    /// Shared connections open (see [`EngineBuilder::multiplex`]); they count in `size`.
+    pub shared: usize,
+    /// Requests in flight on the shared connections, in all.
+    pub shared_in_flight: usize,
+    /// Shared connections stalled now (their oldest request runs past
+    /// `multiplex_stall_after`).
+    pub shared_stalled: usize,
+    /// Statements run on a shared connection.
+    pub multiplexed: u64,
+    /// Statements that could have shared a connection but took one of their own, the
+    /// shared ones being full or stalled.
+    pub multiplex_overflows: u64,
 }
 
 impl sealed::Sealed for PostgresEngine {
     async fn runner(&self) -> Result<Runner> {
         ambient::runner(&self.context).await
+    }
+
+    async fn runner_for(&self, statements: &[CompiledQuery<'_>]) -> Result<Runner> {
+        match statements {
+            [one] if !self.exclusive => {
+                ambient::runner_for_statement(&self.context, one.sql()).await
+            }
+            _ => ambient::runner(&self.context).await,
+        }
     }
 }
 

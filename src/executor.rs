@@ -15,12 +15,22 @@ use crate::runner::compile_all;
 
 pub(crate) mod sealed {
     use crate::error::Result;
+    use crate::query::CompiledQuery;
     use crate::runner::Runner;
 
     /// Only the engine and transactions run queries.
     pub trait Sealed {
         /// Where the next query runs.
         fn runner(&self) -> impl Future<Output = Result<Runner>> + Send;
+
+        /// Where the next query of `statements` runs: the engine may put a single
+        /// statement on a shared connection (multiplexing).
+        fn runner_for(
+            &self,
+            _statements: &[CompiledQuery<'_>],
+        ) -> impl Future<Output = Result<Runner>> + Send {
+            self.runner()
+        }
     }
 }
 
@@ -63,7 +73,7 @@ pub trait Executor: sealed::Sealed + Sync {
         async move {
             let statements = query.into_statements();
             let compiled = compile_all(&statements)?;
-            self.runner().await?.fetch(&compiled).await
+            self.runner_for(&compiled).await?.fetch(&compiled).await
         }
     }
 
@@ -193,7 +203,7 @@ pub trait Executor: sealed::Sealed + Sync {
         async move {
             let statements = query.into_statements();
             let compiled = compile_all(&statements)?;
-            self.runner().await?.execute(&compiled).await
+            self.runner_for(&compiled).await?.execute(&compiled).await
         }
     }
 

@@ -53,6 +53,7 @@ mod version;
 // 2. Connections: the pooled connection and its hygiene, cancel.
 mod cancel;
 mod connect;
+mod multiplex;
 mod pool;
 mod routing;
 // 3. The engine's shared context; a transaction's state; the runner that sends
@@ -81,6 +82,7 @@ pub use executor::Executor;
 pub use from_row::{FromRow, column};
 pub use lifecycle::{AfterConnectFuture, SessionReset};
 pub use listener::{ListenEvent, Listener, Notification};
+pub use multiplex::SharedConnectionStatus;
 /// Derives [`FromRow`] for a struct: each field from the column of its name
 /// (`#[pgengine(rename = "column")]` for another, `#[pgengine(flatten)]` for a field
 /// made from the same row), a tuple struct's fields in order; see [`FromRow`].

@@ -164,24 +164,29 @@ pub(crate) fn pre_recycle(
                 counters.add(Counter::ClosedUnhealthy, 1);
                 return Err(HookError::Backend(error));
             }
-            if reset {
-                let mut sql = DISCARD_ALL_BUT_STATEMENTS.to_owned();
-                if let Some(AfterConnect::Sql(after)) = &lifecycle.after_connect {
-                    sql = format!("{sql}; {after}");
-                }
-                let mut result = client.batch_execute(&sql).await;
-                if let (Ok(()), Some(hook @ AfterConnect::Fn(_))) =
-                    (&result, &lifecycle.after_connect)
-                {
-                    result = hook.run(client).await;
-                }
-                if let Err(error) = result {
-                    counters.add(Counter::ClosedUnhealthy, 1);
-                    return Err(HookError::Backend(error));
-                }
+            if reset && let Err(error) = reset_session(client, &lifecycle).await {
+                counters.add(Counter::ClosedUnhealthy, 1);
+                return Err(HookError::Backend(error));
             }
             Ok(())
         })
+    }
+}
+
+/// Resets the session on `client` as [`SessionReset::DiscardAll`] does, then runs the
+/// after-connect hook again, so that its settings hold.
+pub(crate) async fn reset_session(
+    client: &tokio_postgres::Client,
+    lifecycle: &Lifecycle,
+) -> Result<(), tokio_postgres::Error> {
+    let mut sql = DISCARD_ALL_BUT_STATEMENTS.to_owned();
+    if let Some(AfterConnect::Sql(after)) = &lifecycle.after_connect {
+        sql = format!("{sql}; {after}");
+    }
+    client.batch_execute(&sql).await?;
+    match &lifecycle.after_connect {
+        Some(hook @ AfterConnect::Fn(_)) => hook.run(client).await,
+        _ => Ok(()),
     }
 }
 

@@ -196,6 +196,13 @@ impl Connection {
             .expect("a connection holds its object until dropped")
     }
 
+    /// How long ago the connection was opened.
+    pub(crate) fn age(&self) -> Duration {
+        self.object
+            .as_ref()
+            .map_or(Duration::ZERO, |object| Object::metrics(object).age())
+    }
+
     /// Whether statements are prepared and cached (else sent unnamed).
     pub(crate) fn caches_statements(&self) -> bool {
         self.statements.caches_statements()
@@ -333,6 +340,11 @@ impl Connection {
         if result.as_ref().is_err_and(Error::is_connection_failure) {
             self.broken.store(true, Ordering::Release);
         }
+    }
+
+    /// Marks the connection broken: it is discarded when dropped.
+    pub(crate) fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
     }
 
     /// Whether a request met a connection failure: nothing more should be sent.

@@ -23,6 +23,7 @@ use tracing::{Instrument, Span};
 
 use crate::context::EngineContext;
 use crate::error::{Error, Result};
+use crate::multiplex::Ticket;
 use crate::pool::Connection;
 use crate::query::{CompiledQuery, OneOrMany, QueryString};
 use crate::transaction::state::{RequestPermit, TxShared};
@@ -87,7 +88,10 @@ pub struct Runner {
 #[allow(clippy::large_enum_variant)]
 enum Lent {
     Pooled(Connection),
+    /// A transaction's connection.
     Shared(Arc<Connection>),
+    /// A place in the queue of a connection shared with other callers (multiplexing).
+    Multiplexed(Ticket),
 }
 
 /// What a statement is run for: its rows, or the count of rows it affected.
@@ -165,6 +169,17 @@ impl Runner {
         }
     }
 
+    /// A runner for one statement on a shared connection (see
+    /// [`multiplex`](crate::multiplex)).
+    pub(crate) fn multiplexed(context: Arc<EngineContext>, ticket: Ticket) -> Self {
+        Self {
+            context,
+            connection: Lent::Multiplexed(ticket),
+            transaction: None,
+            span: None,
+        }
+    }
+
     /// A runner on the connection of `transaction`, unless it is finished.
     pub(crate) fn in_transaction(transaction: &Arc<TxShared>) -> Result<Self> {
         Ok(Self {
@@ -185,6 +200,7 @@ impl Runner {
         match &self.connection {
             Lent::Pooled(connection) => connection,
             Lent::Shared(connection) => connection,
+            Lent::Multiplexed(ticket) => ticket.connection(),
         }
     }
 
@@ -300,6 +316,9 @@ impl Runner {
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
             request.answered(&result);
+            if let Lent::Multiplexed(ticket) = &self.connection {
+                ticket.answered();
+            }
             if result.is_ok() {
                 self.connection().ran_statement(sql);
             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::state::TxShared;
 use crate::context::EngineContext;
 use crate::error::Result;
+use crate::multiplex;
 use crate::runner::Runner;
 
 /// The innermost transaction scope of one engine on this task: the transaction, and
@@ -70,4 +71,22 @@ pub(crate) async fn runner(context: &Arc<EngineContext>) -> Result<Runner> {
     }
     let connection = context.pool.get().await?;
     Ok(Runner::pooled(context.clone(), connection))
+}
+
+/// Where one statement `sql` through the engine runs: as [`runner`] says, except that
+/// outside a transaction, with multiplexing on, a statement that may share a
+/// connection runs on a shared one when one can take it.
+pub(crate) async fn runner_for_statement(
+    context: &Arc<EngineContext>,
+    sql: &str,
+) -> Result<Runner> {
+    let multiplexer = &context.multiplexer;
+    if multiplexer.is_on()
+        && current(context.id).is_none()
+        && multiplex::may_share(sql)
+        && let Some(ticket) = multiplexer.take(&context.pool).await
+    {
+        return Ok(Runner::multiplexed(context.clone(), ticket?));
+    }
+    runner(context).await
 }

@@ -19,6 +19,7 @@ mod faults;
 mod listen;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod multiplex;
 mod pgbouncer;
 mod pool_lifecycle;
 mod query;

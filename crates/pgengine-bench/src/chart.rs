@@ -119,6 +119,7 @@ fn load_font() -> Result<()> {
 fn short(system: System) -> &'static str {
     match system {
         System::Pgengine => "pgengine",
+        System::PgengineMultiplexed => "pgengine mux",
         System::TokioPostgres => "tokio-pg",
         System::Deadpool => "deadpool",
         System::Sqlx => "sqlx",
@@ -134,6 +135,7 @@ fn short(system: System) -> &'static str {
 fn color(system: System) -> RGBColor {
     match system {
         System::Pgengine => RGBColor(214, 39, 40),
+        System::PgengineMultiplexed => RGBColor(255, 152, 150),
         System::TokioPostgres => RGBColor(31, 119, 180),
         System::Deadpool => RGBColor(44, 160, 44),
         System::Sqlx => RGBColor(255, 127, 14),

@@ -103,7 +103,12 @@ impl Report {
 
     /// pgengine's throughput divided by `peer`'s.
     fn ratio(&self, workload: Workload, peer: System) -> Option<f64> {
-        Some(self.throughput(workload, System::Pgengine)? / self.throughput(workload, peer)?)
+        self.ratio_of(workload, System::Pgengine, peer)
+    }
+
+    /// `system`'s throughput divided by `peer`'s.
+    fn ratio_of(&self, workload: Workload, system: System, peer: System) -> Option<f64> {
+        Some(self.throughput(workload, system)? / self.throughput(workload, peer)?)
     }
 
     /// The markdown results table.
@@ -169,6 +174,16 @@ impl Report {
                 "point select c=32: pgengine ≥ 0.9× pgbench",
                 self.ratio(PointSelect32, Pgbench),
                 0.9,
+            ),
+            at_least(
+                "point select c=32: pgengine multiplexed ≥ 1.5× pgbench",
+                self.ratio_of(PointSelect32, PgengineMultiplexed, Pgbench),
+                1.5,
+            ),
+            at_least(
+                "point select c=128: pgengine multiplexed ≥ 1.5× pgbench",
+                self.ratio_of(PointSelect128, PgengineMultiplexed, Pgbench),
+                1.5,
             ),
             at_least(
                 "TPC-B c=16: pgengine ≥ 0.9× pgbench",
@@ -318,6 +333,25 @@ impl Report {
                  thread. Latency percentiles mostly show run-queue waits, not the query. \
                  pgbench's latencies are left out wherever it runs more clients than threads: it \
                  starts a transaction's clock only when its thread gets to that client."
+            }
+            Workload::PointSelect128 => {
+                "Workload 1 with 128 clients. With a connection per caller (pgengine, deadpool, \
+                 tokio-postgres, pgbench) that is 128 server backends on 2 cores: every query \
+                 is a wake-up of a backend process, a context switch in and out, and the \
+                 scheduler's run queue is 128 deep. Multiplexed, pgengine sends the callers' \
+                 statements back to back on 4 shared connections (up to 32 in flight on each, \
+                 the default; callers beyond that take connections of their own): each backend wakes once \
+                 for a whole burst of queries, reads them from one socket buffer and writes \
+                 the answers back in one, so the server spends its CPU on queries rather than \
+                 on switching. The price is latency: a query waits behind the ones queued \
+                 before it on its connection, which the p50 and p99 show."
+            }
+            Workload::MixedReads32 => {
+                "Reads as a service makes them, at c=32: three point selects to one read of a \
+                 100-row range, at random (pgbench: its select-only script and a range script \
+                 weighted 3 : 1). The range reads take longer than the point selects and carry \
+                 more bytes, so multiplexed point selects sometimes queue behind one; the \
+                 stall bound (10 ms) is far above a range read's time, so all stay shared."
             }
             Workload::Tpcb => {
                 "pgbench's TPC-B-like script: BEGIN, three UPDATEs, a SELECT and an INSERT, \

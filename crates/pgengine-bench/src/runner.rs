@@ -157,7 +157,7 @@ impl Runner {
 
     fn skip_reason(&self, system: System) -> Option<String> {
         match system {
-            System::Pgengine if !cfg!(feature = "pgengine") => {
+            System::Pgengine | System::PgengineMultiplexed if !cfg!(feature = "pgengine") => {
                 Some("built without the `pgengine` feature".into())
             }
             System::Piccolo => self.piccolo.as_ref().err().cloned(),
@@ -248,6 +248,19 @@ impl Runner {
             System::Pgengine => {
                 use crate::systems::pgengine::{PgengineSession, engine};
                 let engine = engine(url, clients).await?;
+                let result = closed_loop(
+                    handles(clients, || PgengineSession(engine.clone())),
+                    timing,
+                    op,
+                )
+                .await;
+                engine.close_connection_pool().await;
+                result?
+            }
+            #[cfg(feature = "pgengine")]
+            System::PgengineMultiplexed => {
+                use crate::systems::pgengine::{PgengineSession, multiplexed_engine};
+                let engine = multiplexed_engine(url, clients).await?;
                 let result = closed_loop(
                     handles(clients, || PgengineSession(engine.clone())),
                     timing,

@@ -6,7 +6,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::measure::Session;
-use crate::workloads::{ATOMIC_INSERTS, Call, sql};
+use crate::workloads::{ATOMIC_INSERTS, Call, RANGE_ROWS, sql};
 
 /// Builds a pool of `size` connections and opens them all.
 pub async fn pool(url: &str, size: usize) -> Result<Pool> {
@@ -36,6 +36,15 @@ impl Session for DeadpoolSession {
             Call::PointSelect { aid } => {
                 let stmt = client.prepare_cached(sql::POINT_SELECT).await?;
                 let _: i32 = client.query_one(&stmt, &[&aid]).await?.try_get(0)?;
+            }
+            Call::RangeRead { from } => {
+                let stmt = client.prepare_cached(sql::RANGE_READ).await?;
+                let rows = client.query(&stmt, &[&from]).await?;
+                anyhow::ensure!(
+                    rows.len() == RANGE_ROWS as usize,
+                    "a range of {}",
+                    rows.len()
+                );
             }
             Call::Tpcb(t) => {
                 let tx = client.transaction().await?;

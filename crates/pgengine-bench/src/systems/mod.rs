@@ -19,6 +19,8 @@ pub mod tokio_pg;
 pub enum System {
     /// pgengine, through its public API only.
     Pgengine,
+    /// pgengine with multiplexing: autocommit reads share a few connections.
+    PgengineMultiplexed,
     /// Raw tokio-postgres: one client per task, prepared statements (overhead floor).
     TokioPostgres,
     /// deadpool-postgres with `prepare_cached`.
@@ -43,8 +45,9 @@ pub enum System {
 
 impl System {
     /// Every system, in report order (pgengine first: the others are compared to it).
-    pub const ALL: [System; 10] = [
+    pub const ALL: [System; 11] = [
         System::Pgengine,
+        System::PgengineMultiplexed,
         System::TokioPostgres,
         System::Deadpool,
         System::Sqlx,
@@ -60,6 +63,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Pgengine => "pgengine",
+            System::PgengineMultiplexed => "pgengine, multiplexed",
             System::TokioPostgres => "tokio-postgres",
             System::Deadpool => "deadpool-postgres",
             System::Sqlx => "sqlx",
@@ -91,18 +95,25 @@ impl System {
                 System::Pgengine | System::PgengineReplica | System::PgengineBoth
             );
         }
+        let reads = matches!(
+            workload,
+            Workload::PointSelect1
+                | Workload::PointSelect32
+                | Workload::PointSelect128
+                | Workload::MixedReads32
+        );
         match self {
             System::PgengineReplica | System::PgengineBoth => false,
-            System::Pgbench => matches!(
-                workload,
-                Workload::PointSelect1
-                    | Workload::PointSelect32
-                    | Workload::Tpcb
-                    | Workload::EmptyTx
-            ),
+            System::PgengineMultiplexed => reads,
+            System::Pgbench => reads || matches!(workload, Workload::Tpcb | Workload::EmptyTx),
             System::Copy => workload.is_stream(),
             // Python streams ten million rows too slowly for a run of minutes.
-            System::Piccolo | System::PiccoloPgengine => workload != Workload::StreamBig,
+            // Python streams ten million rows too slowly for a run of minutes; the
+            // multiplexing workloads compare Rust pools with pgbench.
+            System::Piccolo | System::PiccoloPgengine | System::Sqlx => !matches!(
+                workload,
+                Workload::StreamBig | Workload::PointSelect128 | Workload::MixedReads32
+            ),
             _ => true,
         }
     }

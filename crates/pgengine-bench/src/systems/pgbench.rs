@@ -35,8 +35,20 @@ pub async fn run(
         .arg(format!("--jobs={}", clients.min(2)))
         .arg(format!("--time={}", total.as_secs().max(1)));
     match workload {
-        Workload::PointSelect1 | Workload::PointSelect32 => {
+        Workload::PointSelect1 | Workload::PointSelect32 | Workload::PointSelect128 => {
             command.arg("--select-only");
+        }
+        Workload::MixedReads32 => {
+            // pgbench's own select-only script, and a range read, weighted 3 : 1.
+            let range = logs.join("range.sql");
+            std::fs::write(
+                &range,
+                "\\set from random(1, 100000 * :scale - 99)\n\
+                 SELECT aid, abalance FROM pgbench_accounts WHERE aid BETWEEN :from AND :from + 99;\n",
+            )?;
+            command
+                .arg("--builtin=select-only@3")
+                .arg(format!("--file={}@1", range.display()));
         }
         Workload::Tpcb => {}
         Workload::EmptyTx => {

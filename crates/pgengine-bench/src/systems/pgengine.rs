@@ -6,13 +6,29 @@ use anyhow::Result;
 use pgengine::{Executor, PostgresEngine, sql};
 
 use crate::measure::Session;
-use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Call};
+use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Call, RANGE_ROWS};
 
 /// Builds an engine with a pool of `size` connections and starts the pool.
 pub async fn engine(url: &str, size: usize) -> Result<Arc<PostgresEngine>> {
     let engine = PostgresEngine::builder()
         .url(url)
         .max_connections(size)
+        .build()
+        .await?;
+    engine.start_connection_pool().await?;
+    Ok(Arc::new(engine))
+}
+
+/// Shared connections of the multiplexed engine: twice the server's two cores.
+pub const SHARED_CONNECTIONS: usize = 4;
+
+/// An engine whose autocommit statements share [`SHARED_CONNECTIONS`] connections,
+/// with room for `size` callers beyond them.
+pub async fn multiplexed_engine(url: &str, size: usize) -> Result<Arc<PostgresEngine>> {
+    let engine = PostgresEngine::builder()
+        .url(url)
+        .max_connections(size + SHARED_CONNECTIONS)
+        .multiplex(SHARED_CONNECTIONS)
         .build()
         .await?;
     engine.start_connection_pool().await?;
@@ -75,6 +91,20 @@ impl Session for PgengineSession {
                     ))
                     .await?;
                 let _: i32 = row.try_get(0)?;
+            }
+            Call::RangeRead { from } => {
+                let rows = engine
+                    .fetch(sql!(
+                        "SELECT aid, abalance FROM pgbench_accounts WHERE aid BETWEEN {} AND {} + 99",
+                        from,
+                        from
+                    ))
+                    .await?;
+                anyhow::ensure!(
+                    rows.len() == RANGE_ROWS as usize,
+                    "a range of {}",
+                    rows.len()
+                );
             }
             Call::Tpcb(t) => {
                 engine

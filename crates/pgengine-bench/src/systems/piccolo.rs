@@ -129,7 +129,12 @@ impl Piccolo {
             Workload::Tpcb => "tpcb",
             Workload::Atomic | Workload::AtomicProxy => "atomic",
             Workload::EmptyTx => "empty_tx",
-            Workload::Stream | Workload::StreamBig | Workload::ReplicaReads | Workload::CopyIn => {
+            Workload::Stream
+            | Workload::StreamBig
+            | Workload::ReplicaReads
+            | Workload::CopyIn
+            | Workload::PointSelect128
+            | Workload::MixedReads32 => {
                 bail!("not a workload Piccolo runs here")
             }
         };

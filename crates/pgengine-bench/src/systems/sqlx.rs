@@ -31,6 +31,7 @@ impl Session for SqlxSession {
                     .await?;
                 let _: i32 = row.try_get(0)?;
             }
+            Call::RangeRead { .. } => anyhow::bail!("sqlx is not measured on mixed reads"),
             Call::Tpcb(t) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query(sql::TPCB_ACCOUNT)

@@ -6,7 +6,7 @@ use futures::future::try_join_all;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::measure::Session;
-use crate::workloads::{ATOMIC_INSERTS, Call, sql};
+use crate::workloads::{ATOMIC_INSERTS, Call, RANGE_ROWS, sql};
 
 /// Opens a connection and drives it on its own task.
 pub async fn connect(url: &str) -> Result<Client> {
@@ -23,6 +23,7 @@ pub async fn connect(url: &str) -> Result<Client> {
 pub struct TokioPgSession {
     client: Client,
     point_select: Statement,
+    range_read: Statement,
     tpcb: [Statement; 5],
     insert: Statement,
 }
@@ -31,6 +32,7 @@ impl TokioPgSession {
     pub async fn open(url: &str) -> Result<Self> {
         let client = connect(url).await?;
         let point_select = client.prepare(sql::POINT_SELECT).await?;
+        let range_read = client.prepare(sql::RANGE_READ).await?;
         let tpcb = [
             client.prepare(sql::TPCB_ACCOUNT).await?,
             client.prepare(sql::TPCB_SELECT).await?,
@@ -42,6 +44,7 @@ impl TokioPgSession {
         Ok(Self {
             client,
             point_select,
+            range_read,
             tpcb,
             insert,
         })
@@ -54,6 +57,14 @@ impl Session for TokioPgSession {
             Call::PointSelect { aid } => {
                 let row = self.client.query_one(&self.point_select, &[&aid]).await?;
                 let _: i32 = row.try_get(0)?;
+            }
+            Call::RangeRead { from } => {
+                let rows = self.client.query(&self.range_read, &[&from]).await?;
+                anyhow::ensure!(
+                    rows.len() == RANGE_ROWS as usize,
+                    "a range of {}",
+                    rows.len()
+                );
             }
             Call::Tpcb(t) => {
                 let [account, select, teller, branch, history] = &self.tpcb;

@@ -11,6 +11,10 @@ pub enum Workload {
     PointSelect1,
     /// Primary-key lookup on `pgbench_accounts`, 32 concurrent clients.
     PointSelect32,
+    /// Primary-key lookup on `pgbench_accounts`, 128 concurrent clients.
+    PointSelect128,
+    /// Reads at c=32: three point selects to one range read of 100 rows.
+    MixedReads32,
     /// pgbench's default TPC-B-like transaction, 16 concurrent clients.
     Tpcb,
     /// 100 inserts in one transaction, one after another.
@@ -32,9 +36,11 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 12] = [
         Workload::PointSelect1,
         Workload::PointSelect32,
+        Workload::PointSelect128,
+        Workload::MixedReads32,
         Workload::Tpcb,
         Workload::Atomic,
         Workload::AtomicProxy,
@@ -50,6 +56,8 @@ impl Workload {
         match self {
             Workload::PointSelect1 => "point_select_c1",
             Workload::PointSelect32 => "point_select_c32",
+            Workload::PointSelect128 => "point_select_c128",
+            Workload::MixedReads32 => "mixed_reads_c32",
             Workload::Tpcb => "tpcb_c16",
             Workload::Atomic => "atomic_100",
             Workload::AtomicProxy => "atomic_100_proxy",
@@ -66,6 +74,10 @@ impl Workload {
         match self {
             Workload::PointSelect1 => "1. point select, c=1",
             Workload::PointSelect32 => "1. point select, c=32",
+            Workload::PointSelect128 => "1. point select, c=128",
+            Workload::MixedReads32 => {
+                "1. mixed reads, c=32 (3 point selects : 1 range of 100 rows)"
+            }
             Workload::Tpcb => "2. TPC-B-like transaction, c=16",
             Workload::Atomic => "3. atomic of 100 inserts",
             Workload::AtomicProxy => "3. atomic of 100 inserts, +1 ms each way",
@@ -80,7 +92,8 @@ impl Workload {
     /// Concurrent clients.
     pub fn concurrency(self) -> usize {
         match self {
-            Workload::PointSelect32 | Workload::ReplicaReads => 32,
+            Workload::PointSelect128 => 128,
+            Workload::PointSelect32 | Workload::MixedReads32 | Workload::ReplicaReads => 32,
             Workload::Tpcb | Workload::EmptyTx => 16,
             _ => 1,
         }
@@ -89,9 +102,11 @@ impl Workload {
     /// What one unit of throughput is.
     pub fn unit(self) -> &'static str {
         match self {
-            Workload::PointSelect1 | Workload::PointSelect32 | Workload::ReplicaReads => {
-                "queries/s"
-            }
+            Workload::PointSelect1
+            | Workload::PointSelect32
+            | Workload::PointSelect128
+            | Workload::MixedReads32
+            | Workload::ReplicaReads => "queries/s",
             Workload::Tpcb | Workload::EmptyTx => "tx/s",
             Workload::Atomic | Workload::AtomicProxy => "atomics/s",
             Workload::Stream | Workload::StreamBig | Workload::CopyIn => "rows/s",
@@ -106,9 +121,11 @@ impl Workload {
     /// The operation of a closed-loop workload (`None` for streaming).
     pub fn op(self, accounts: i32) -> Option<Op> {
         match self {
-            Workload::PointSelect1 | Workload::PointSelect32 | Workload::ReplicaReads => {
-                Some(Op::PointSelect { accounts })
-            }
+            Workload::PointSelect1
+            | Workload::PointSelect32
+            | Workload::PointSelect128
+            | Workload::ReplicaReads => Some(Op::PointSelect { accounts }),
+            Workload::MixedReads32 => Some(Op::MixedReads { accounts }),
             Workload::Tpcb => Some(Op::Tpcb { accounts }),
             Workload::Atomic | Workload::AtomicProxy => Some(Op::Atomic),
             Workload::EmptyTx => Some(Op::EmptyTx),
@@ -119,14 +136,24 @@ impl Workload {
 
 /// Inserts per atomic.
 pub const ATOMIC_INSERTS: i32 = 100;
+/// Rows of a range read.
+pub const RANGE_ROWS: i32 = 100;
 /// Rows per batch when streaming.
 pub const BATCH_SIZE: usize = 1000;
 
 /// The operation a closed-loop workload repeats.
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
-    PointSelect { accounts: i32 },
-    Tpcb { accounts: i32 },
+    PointSelect {
+        accounts: i32,
+    },
+    /// Three point selects to one range read, at random.
+    MixedReads {
+        accounts: i32,
+    },
+    Tpcb {
+        accounts: i32,
+    },
     Atomic,
     EmptyTx,
 }
@@ -136,6 +163,12 @@ impl Op {
     pub fn draw(self, rng: &mut impl Rng) -> Call {
         match self {
             Op::PointSelect { accounts } => Call::PointSelect {
+                aid: rng.random_range(1..=accounts),
+            },
+            Op::MixedReads { accounts } if rng.random_range(0..4) == 0 => Call::RangeRead {
+                from: rng.random_range(1..=accounts - RANGE_ROWS + 1),
+            },
+            Op::MixedReads { accounts } => Call::PointSelect {
                 aid: rng.random_range(1..=accounts),
             },
             Op::Tpcb { accounts } => {
@@ -156,7 +189,13 @@ impl Op {
 /// One operation with its arguments.
 #[derive(Debug, Clone, Copy)]
 pub enum Call {
-    PointSelect { aid: i32 },
+    PointSelect {
+        aid: i32,
+    },
+    /// [`RANGE_ROWS`] accounts from `from` on.
+    RangeRead {
+        from: i32,
+    },
     Tpcb(Tpcb),
     Atomic,
     EmptyTx,
@@ -174,6 +213,8 @@ pub struct Tpcb {
 /// The SQL every system runs (pgbench's own statements where it has them).
 pub mod sql {
     pub const POINT_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    pub const RANGE_READ: &str =
+        "SELECT aid, abalance FROM pgbench_accounts WHERE aid BETWEEN $1 AND $1 + 99";
     pub const TPCB_ACCOUNT: &str =
         "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
     pub const TPCB_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";

@@ -1,0 +1,474 @@
+//! Multiplexing: statements of many callers outside transactions share a few
+//! connections, sent back to back without waiting for earlier answers (the driver
+//! pipelines concurrent requests on one client), instead of taking a connection each.
+//!
+//! Only a statement that [`may_share`] a connection — one that can neither read nor
+//! change the state of its session — runs on a shared connection; everything else takes
+//! a connection of its own from the pool, as does every statement when the shared
+//! connections are full (`max_in_flight` requests each) or stalled. A connection is
+//! stalled when its oldest unanswered request has run longer than `stall_after`: it
+//! takes no new request until that one is answered. A slow statement thus delays only
+//! the requests queued behind it before it was seen to be slow: at most
+//! `max_in_flight - 1` of them, each by at most the statement's own time.
+//!
+//! A shared request whose future is dropped is never cancelled: a cancel request stops
+//! whatever the backend runs at that moment, maybe another caller's statement. It runs
+//! to its end and the driver drops its answer; an empty query sent behind it tells when
+//! that end has come (answers come back in the order the requests went out).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::MultiplexSettings;
+use crate::counters::Counter;
+use crate::error::{ErrorKind, Result};
+use crate::lifecycle::{self, Lifecycle};
+use crate::pool::{Connection, ConnectionPool};
+use crate::schema_change::first_word;
+
+/// The first words of the statements that may share a connection.
+const SHAREABLE: [&str; 7] = [
+    "select", "with", "values", "table", "insert", "update", "delete",
+];
+
+/// Names that keep a statement off shared connections, wherever they appear (in any
+/// case): functions and objects that read or change the state of the session — its
+/// settings, advisory locks, temporary objects, the last values of its sequences, its
+/// identity, connections of its own.
+const SESSION_BOUND: [&str; 7] = [
+    "set_config",
+    "advisory",
+    "pg_temp",
+    "currval",
+    "lastval",
+    "pg_backend_pid",
+    "dblink",
+];
+
+/// Whether `sql` (one statement) may run on a shared connection: it starts with
+/// `SELECT`, `WITH`, `VALUES`, `TABLE`, `INSERT`, `UPDATE` or `DELETE`, holds no `;`,
+/// names nothing of [`SESSION_BOUND`], and is no `SELECT … INTO` (which creates a
+/// table, maybe a temporary one). Every other statement — `SET`, `LISTEN`, `PREPARE`,
+/// `DISCARD`, DDL, transaction control, anything unknown — may change the session, and
+/// gets a connection of its own. The test is on the text, so it errs on the side of
+/// caution: `into` or `currval` inside a string literal also keeps a statement off.
+///
+/// ```ignore
+/// assert!(may_share("SELECT * FROM band WHERE id = $1"));
+/// assert!(!may_share("SET search_path TO app"));
+/// ```
+pub(crate) fn may_share(sql: &str) -> bool {
+    let word = first_word(sql);
+    let Some(&first) = SHAREABLE.iter().find(|w| w.eq_ignore_ascii_case(word)) else {
+        return false;
+    };
+    if sql.contains(';') || mentions_any(sql, &SESSION_BOUND) {
+        return false;
+    }
+    let reads = matches!(first, "select" | "with" | "values" | "table");
+    !(reads && mentions_any(sql, &["into"]))
+}
+
+/// Whether `sql` contains any of the lower-case `names`, in any case.
+fn mentions_any(sql: &str, names: &[&str]) -> bool {
+    let bytes = sql.as_bytes();
+    (0..bytes.len()).any(|at| {
+        let rest = &bytes[at..];
+        let first = rest[0].to_ascii_lowercase();
+        names.iter().any(|name| {
+            let name = name.as_bytes();
+            name[0] == first
+                && rest.len() >= name.len()
+                && rest[..name.len()].eq_ignore_ascii_case(name)
+        })
+    })
+}
+
+/// The shared connections of one pool, and which one takes the next statement.
+pub(crate) struct Multiplexer {
+    slots: Box<[Slot]>,
+    max_in_flight: u64,
+    stall_after: Duration,
+    /// The pool's lifecycle: shared connections older than its `max_lifetime` are
+    /// replaced, and each starts from a reset session with its after-connect settings.
+    lifecycle: Lifecycle,
+    closed: AtomicBool,
+}
+
+/// One place for a shared connection: empty until a statement needs it, and again
+/// once its connection broke or grew too old.
+#[derive(Default)]
+struct Slot {
+    shared: RwLock<Option<Arc<Shared>>>,
+    /// A caller is taking a connection from the pool for this slot.
+    opening: AtomicBool,
+}
+
+/// A shared connection and its queue: requests are numbered as they are sent, and
+/// answered in that order.
+struct Shared {
+    connection: Connection,
+    /// The clock of `head_since`.
+    epoch: Instant,
+    /// Requests sent.
+    sent: AtomicU64,
+    /// The number of the latest request answered: every earlier one is done too.
+    answered: AtomicU64,
+    /// Microseconds after `epoch` when the oldest unanswered request became the
+    /// oldest (the server started on it then, at the latest).
+    head_since: AtomicU64,
+}
+
+impl Shared {
+    fn new(connection: Connection) -> Self {
+        Self {
+            connection,
+            epoch: Instant::now(),
+            sent: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Requests sent and not yet answered.
+    fn in_flight(&self) -> u64 {
+        let answered = self.answered.load(Ordering::Acquire);
+        self.sent.load(Ordering::Acquire).saturating_sub(answered)
+    }
+
+    /// Whether the oldest unanswered request has run longer than `after`.
+    fn stalled(&self, after: Duration) -> bool {
+        self.in_flight() > 0
+            && self
+                .now()
+                .saturating_sub(self.head_since.load(Ordering::Acquire))
+                > after.as_micros() as u64
+    }
+
+    /// Numbers the next request sent on this connection.
+    fn enqueue(&self) -> u64 {
+        let before = self.sent.fetch_add(1, Ordering::AcqRel);
+        if before <= self.answered.load(Ordering::Acquire) {
+            // The queue was empty: this request is the oldest from now on.
+            self.head_since.store(self.now(), Ordering::Release);
+        }
+        before + 1
+    }
+
+    /// A place in the queue for the next request of a caller.
+    fn ticket(self: &Arc<Self>) -> Ticket {
+        Ticket {
+            number: self.enqueue(),
+            shared: self.clone(),
+            answered: AtomicBool::new(false),
+        }
+    }
+
+    /// The request `number` (and so every earlier one) is answered; the next one, if
+    /// any, is the oldest from now on.
+    fn answer(&self, number: u64) {
+        self.answered.fetch_max(number, Ordering::AcqRel);
+        self.head_since.store(self.now(), Ordering::Release);
+    }
+
+    /// After a request was abandoned: an empty query sent behind it is answered once
+    /// the abandoned request is done, which ends its place in the queue.
+    fn follow_abandoned(self: Arc<Self>) {
+        let marker = Marker {
+            number: self.enqueue(),
+            shared: self,
+        };
+        // Without a runtime to send it on (or once the runtime shuts down), the marker
+        // is dropped at once, and the request counts as done: the queue's length is a
+        // routing hint, never a guarantee.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let connection = &marker.shared.connection;
+                let result = connection.client().batch_execute("").await;
+                connection.note(&result.map_err(crate::Error::from));
+                drop(marker);
+            });
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// The last request is done (a marker followed every abandoned one): nothing of
+    /// any caller runs on the connection, which goes back to the pool as it is, with
+    /// nothing to cancel.
+    fn drop(&mut self) {
+        self.connection.set_request_open(false);
+    }
+}
+
+/// One request's place in the queue of a shared connection. Dropped unanswered (its
+/// future was abandoned), it is followed by a marker (see [`Shared::follow_abandoned`]).
+pub(crate) struct Ticket {
+    shared: Arc<Shared>,
+    number: u64,
+    answered: AtomicBool,
+}
+
+impl Ticket {
+    /// The shared connection to send the request on.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.shared.connection
+    }
+
+    /// The request got its answer (an error too).
+    pub(crate) fn answered(&self) {
+        if !self.answered.swap(true, Ordering::AcqRel) {
+            self.shared.answer(self.number);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.answered.load(Ordering::Acquire) {
+            self.shared.clone().follow_abandoned();
+        }
+    }
+}
+
+/// The empty query sent behind an abandoned request: answered (or given up) when
+/// dropped.
+struct Marker {
+    shared: Arc<Shared>,
+    number: u64,
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        self.shared.answer(self.number);
+    }
+}
+
+/// What one shared connection is doing: see
+/// [`PostgresEngine::shared_connections`](crate::PostgresEngine::shared_connections).
+///
+/// ```
+/// # pgengine_testing::doctest(async |engine| {
+/// for shared in engine.shared_connections() {
+///     println!("{} requests in flight, stalled: {}", shared.in_flight, shared.stalled);
+/// }
+/// # Ok(()) });
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SharedConnectionStatus {
+    /// Requests sent on it and not yet answered (abandoned ones until they are done).
+    pub in_flight: usize,
+    /// Whether its oldest request has run past `multiplex_stall_after`: it takes no new
+    /// request until that one is answered.
+    pub stalled: bool,
+}
+
+/// Holds a slot's `opening` flag while a caller opens its connection.
+struct Opening<'a>(&'a AtomicBool);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Multiplexer {
+    /// The shared connections `settings` ask for (none when multiplexing is off), none
+    /// opened yet, taken from a pool with `lifecycle`.
+    pub(crate) fn new(settings: &MultiplexSettings, lifecycle: &Lifecycle) -> Self {
+        Self {
+            slots: (0..settings.connections).map(|_| Slot::default()).collect(),
+            max_in_flight: settings.max_in_flight as u64,
+            stall_after: settings.stall_after,
+            lifecycle: lifecycle.clone(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether statements may share connections at all.
+    pub(crate) fn is_on(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// A place for one statement on the shared connection with the fewest requests in
+    /// flight among those neither full nor stalled, opening one from `pool` when a slot
+    /// is empty. `None` when none can take it now: the statement takes a connection of
+    /// its own (counted as an overflow). Never waits for a busy connection.
+    pub(crate) async fn take(&self, pool: &ConnectionPool) -> Option<Result<Ticket>> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut best: Option<(u64, Arc<Shared>)> = None;
+        let mut vacant = None;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(shared) = guard.as_ref().filter(|shared| !self.worn(shared)) else {
+                if !slot.opening.load(Ordering::Acquire) {
+                    vacant.get_or_insert(index);
+                }
+                continue;
+            };
+            let in_flight = shared.in_flight();
+            if in_flight >= self.max_in_flight || shared.stalled(self.stall_after) {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(fewest, _)| in_flight < *fewest) {
+                best = Some((in_flight, shared.clone()));
+            }
+        }
+        let chosen = match (best, vacant) {
+            (Some((0, shared)), _) | (Some((_, shared)), None) => Some(Ok(shared)),
+            // Every connection is busy or missing: spread the load onto a new one.
+            (best, Some(index)) => match self.open(index, pool).await {
+                Some(opened) => Some(opened),
+                None => best.map(|(_, shared)| Ok(shared)),
+            },
+            (None, None) => None,
+        };
+        match &chosen {
+            Some(Ok(_)) => pool.counters().add(Counter::Multiplexed, 1),
+            Some(Err(_)) => {}
+            None => pool.counters().add(Counter::MultiplexOverflows, 1),
+        }
+        chosen.map(|opened| opened.map(|shared| shared.ticket()))
+    }
+
+    /// Opens every shared connection missing (see
+    /// [`PostgresEngine::start_connection_pool`](crate::PostgresEngine::start_connection_pool)).
+    pub(crate) async fn open_all(&self, pool: &ConnectionPool) -> Result<()> {
+        for (index, slot) in self.slots.iter().enumerate() {
+            let vacant = slot
+                .shared
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_none_or(|shared| self.worn(shared));
+            if vacant && let Some(Err(error)) = self.open(index, pool).await {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `shared` must be replaced: it broke, or outlived `max_lifetime`.
+    fn worn(&self, shared: &Shared) -> bool {
+        shared.connection.is_broken()
+            || self
+                .lifecycle
+                .max_lifetime
+                .is_some_and(|max| shared.connection.age() > max)
+    }
+
+    /// Fills the slot `index` with a connection from `pool`, its session reset (a
+    /// previous user of the pooled connection may have left a setting on it), unless
+    /// another caller is doing so or the pool has no free connection (`None`). The
+    /// connection it replaces goes back to the pool once its last request is answered.
+    async fn open(&self, index: usize, pool: &ConnectionPool) -> Option<Result<Arc<Shared>>> {
+        let slot = &self.slots[index];
+        if slot.opening.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let _opening = Opening(&slot.opening);
+        let connection = match pool.get_free().await {
+            Ok(connection) => connection,
+            Err(error) if error.kind() == ErrorKind::PoolTimeout => return None,
+            Err(error) => return Some(Err(error)),
+        };
+        let reset = lifecycle::reset_session(connection.client(), &self.lifecycle).await;
+        if reset.is_err() {
+            // Not shared: discarded when dropped here.
+            connection.mark_broken();
+            return None;
+        }
+        let shared = Arc::new(Shared::new(connection));
+        let mut current = slot.shared.write().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        *current = Some(shared.clone());
+        Some(Ok(shared))
+    }
+
+    /// What each open shared connection is doing.
+    pub(crate) fn status(&self) -> Vec<SharedConnectionStatus> {
+        self.slots
+            .iter()
+            .filter_map(|slot| {
+                let guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
+                guard.as_ref().map(|shared| SharedConnectionStatus {
+                    in_flight: shared.in_flight() as usize,
+                    stalled: shared.stalled(self.stall_after),
+                })
+            })
+            .collect()
+    }
+
+    /// Stops sharing: the shared connections go back to the pool as their last
+    /// requests are answered, and every later statement takes a connection of its own.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for slot in &self.slots {
+            let taken = slot
+                .shared
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            drop(taken);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_share;
+
+    #[test]
+    fn reads_and_writes_share_and_session_statements_do_not() {
+        for sql in [
+            "SELECT * FROM band WHERE id = $1",
+            "  select 1",
+            "/* c */ WITH t AS (SELECT 1) SELECT * FROM t",
+            "INSERT INTO band VALUES ($1)",
+            "UPDATE band SET popularity = 1",
+            "DELETE FROM band",
+            "VALUES (1)",
+            "TABLE band",
+            "SELECT nextval('s')",
+        ] {
+            assert!(may_share(sql), "{sql}");
+        }
+        for sql in [
+            "SET search_path TO app",
+            "RESET ALL",
+            "LISTEN channel",
+            "PREPARE p AS SELECT 1",
+            "DEALLOCATE ALL",
+            "DISCARD ALL",
+            "SET ROLE app",
+            "BEGIN",
+            "CREATE TEMP TABLE t (id int)",
+            "SELECT set_config('app.user', 'x', false)",
+            "SELECT PG_ADVISORY_LOCK(1)",
+            "SELECT pg_try_advisory_lock(1)",
+            "SELECT * FROM pg_temp.t",
+            "SELECT currval('s')",
+            "SELECT lastval()",
+            "SELECT pg_backend_pid()",
+            "SELECT 1; SELECT 2",
+            "SELECT * INTO TEMP t FROM band",
+            "select *\ninto t from band",
+            "EXPLAIN ANALYZE SELECT 1",
+            "COPY band TO STDOUT",
+            "CALL proc()",
+            "",
+        ] {
+            assert!(!may_share(sql), "{sql}");
+        }
+    }
+}

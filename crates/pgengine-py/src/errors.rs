@@ -14,10 +14,12 @@ use pyo3::types::PyDict;
 /// engine.fetch(query).await.map_err(errors::to_py)?
 /// ```
 pub fn to_py(error: Error) -> PyErr {
-    Python::attach(|py| match build(py, &error) {
+    let built = crate::bridge::attach(|py| match build(py, &error) {
         Ok(err) => err,
         Err(import_failed) => import_failed,
-    })
+    });
+    // The interpreter is exiting: no one will see it, but it must not need Python.
+    built.unwrap_or_else(|| PyConnectionError::new_err(with_causes(&error)))
 }
 
 fn build(py: Python<'_>, error: &Error) -> PyResult<PyErr> {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use pgengine::AsyncBatch;
 use pgengine::prelude::*;
 use pyo3::prelude::*;
-use pyo3_async_runtimes::tokio::future_into_py;
 use tokio::sync::Mutex;
 
+use crate::bridge::future_into_py;
 use crate::errors::to_py;
 use crate::params::from_sequence;
 use crate::rows::Rows;

@@ -11,6 +11,7 @@
 //! rows = await engine.fetch("SELECT $1::int AS one", [1])   # [{'one': 1}]
 //! ```
 
+mod bridge;
 mod errors;
 mod handles;
 mod numeric;
@@ -28,6 +29,12 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<handles::Transaction>()?;
     module.add_class::<handles::Savepoint>()?;
     module.add_class::<handles::Batch>()?;
+    let at_exit = wrap_pyfunction!(bridge::at_exit, module)?;
+    module.add_function(at_exit.clone())?;
+    module
+        .py()
+        .import("atexit")?
+        .call_method1("register", (at_exit,))?;
     Ok(())
 }
 

@@ -145,3 +145,50 @@ def test_cancelled_task_cancels_the_query_and_leaves_the_pool_clean(url, db):
         await engine.close_connection_pool()
 
     asyncio.run(main())
+
+
+# A query answered as the interpreter exits. The thread handing its result to the loop
+# releases the GIL inside `call_soon_threadsafe` (the self-pipe write; made slow here).
+# Had finalization begun before it took the GIL back, CPython would end it with
+# pthread_exit, whose unwinding through the interpreter's frames can abort the process
+# (it did, now and then, at the end of the Piccolo benchmark). The exit hook waits for
+# such a thread to leave Python before finalization begins: every write ends.
+EXIT_SCRIPT = """
+import asyncio, sys, time
+from pgengine_piccolo import _native
+
+class SlowWakeLoop(asyncio.SelectorEventLoop):
+    def _write_to_self(self):
+        sys.stderr.write("write start\\n")
+        time.sleep(0.3)  # the GIL released, as a slow socket write does
+        super()._write_to_self()
+        sys.stderr.write("write end\\n")
+
+async def main():
+    engine = await _native.Engine.connect(sys.argv[1], max_connections=2)
+    await engine.fetch("SELECT 1", [])
+    global pending
+    pending = engine.fetch("SELECT pg_sleep(0.05)", [])  # never awaited
+    await asyncio.sleep(0.15)
+
+loop = SlowWakeLoop()
+loop.run_until_complete(main())
+loop.close()
+print("done", flush=True)
+"""
+
+
+def test_exit_while_a_result_is_handed_over_is_clean(url, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_in_flight.py"
+    script.write_text(EXIT_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, (run.returncode, run.stderr)
+    assert run.stdout.strip() == "done"
+    writes = run.stderr.split()
+    assert writes.count("start") == 3, run.stderr
+    assert writes.count("end") == 3, f"a thread was ended inside Python: {run.stderr}"

@@ -1,18 +1,25 @@
 //! Tokio futures as asyncio awaitables, and a safe exit.
 //!
 //! [`future_into_py`] runs a future on the tokio runtime of `pyo3-async-runtimes`
-//! without the GIL, and hands its result to the asyncio loop from a blocking thread.
+//! without the GIL. Its result goes to the loop through an [`Inbox`]: posted by the
+//! tokio thread without the GIL, with a byte written to a socket the loop watches
+//! (`add_reader`), and made into Python values on the loop's own thread. A tokio thread
+//! never waits for the GIL (which the loop holds while it runs Python, handing it over
+//! only every few milliseconds), and never touches Python while the interpreter exits.
 //! Cancelling the asyncio future drops the Rust future.
 //!
-//! Every time a tokio thread takes the GIL, it goes through [`attach`], which knows
-//! when the interpreter exits: an `atexit` hook ([`at_exit`]) waits (GIL released) for
-//! the threads inside Python to leave, and from then on no thread enters it. Without
-//! that, a thread that releases the GIL inside Python (the loop's self-pipe write of
-//! `call_soon_threadsafe`) and takes it back once finalization has begun is ended by
-//! CPython with `pthread_exit`, whose unwinding through Rust frames aborts the process.
+//! The one other way in, building a Python exception for an error, goes through
+//! [`attach`], which an `atexit` hook ([`at_exit`]) closes: it waits (GIL released) for
+//! the threads inside Python to leave, and keeps them out from then on. A thread taking
+//! the GIL back once finalization has begun is ended by CPython with `pthread_exit`,
+//! whose unwinding through the interpreter's and Rust's frames can abort the process.
 
 use std::future::Future;
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use pyo3::IntoPyObjectExt;
@@ -91,21 +98,24 @@ where
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
     let event_loop = running_loop(py)?;
+    let inbox = Mailbox::of(&event_loop)?;
     let awaitable = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
     let (cancel, cancelled) = oneshot::channel();
     awaitable.call_method1(
         pyo3::intern!(py, "add_done_callback"),
         (OnCancel(Mutex::new(Some(cancel))),),
     )?;
-    let target = (event_loop.unbind(), awaitable.clone().unbind());
+    let target = awaitable.clone().unbind();
     pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
-        let result = tokio::select! {
+        let outcome: Outcome = tokio::select! {
             biased;
-            Ok(()) = cancelled => return,
-            result = future => result,
+            // Posted all the same, so that the future is released on the loop's thread.
+            Ok(()) = cancelled => Box::new(|_| Ok(None)),
+            result = future => {
+                Box::new(move |py| result.and_then(|value| value.into_py_any(py)).map(Some))
+            }
         };
-        // The GIL is taken on a blocking thread, never on a worker of the runtime.
-        tokio::task::spawn_blocking(move || attach(|py| deliver(py, target, result)));
+        inbox.post(target, outcome);
     });
     Ok(awaitable)
 }
@@ -118,42 +128,111 @@ fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         .call0()
 }
 
-/// Schedules the result's delivery on the loop; a closed loop (nobody awaits it any
-/// more) is ignored.
-fn deliver<T>(py: Python<'_>, (event_loop, awaitable): (Py<PyAny>, Py<PyAny>), result: PyResult<T>)
-where
-    T: for<'a> IntoPyObject<'a>,
-{
-    let (ok, value) = match result.and_then(|value| value.into_py_any(py)) {
-        Ok(value) => (true, value),
-        Err(error) => (false, error.into_value(py).into_any()),
-    };
-    let resolve = match wrap_pyfunction!(resolve, py) {
-        Ok(resolve) => resolve,
-        Err(_) => return,
-    };
-    let _ = event_loop.call_method1(
-        py,
-        pyo3::intern!(py, "call_soon_threadsafe"),
-        (resolve, awaitable, ok, value),
-    );
+/// What a finished future turns into, made on the loop's thread: its value (`None`
+/// when it was cancelled: nothing to set) or its exception.
+type Outcome = Box<dyn FnOnce(Python<'_>) -> PyResult<Option<Py<PyAny>>> + Send>;
+
+/// Results on their way to one asyncio loop. A tokio thread posts a result and, unless
+/// a wake-up is pending already, writes one byte to a socket the loop reads
+/// (`add_reader`); the loop then settles every posted future. No tokio thread takes the
+/// GIL, so none waits for the loop to let go of it.
+struct Inbox {
+    posted: Mutex<Vec<(Py<PyAny>, Outcome)>>,
+    /// A byte is on its way: later posts need not write another.
+    signalled: AtomicBool,
+    wake: UnixStream,
+    woken: UnixStream,
 }
 
-/// On the loop: sets the future's result or exception, unless it is done (cancelled).
-#[pyfunction]
-fn resolve(awaitable: &Bound<'_, PyAny>, ok: bool, value: Bound<'_, PyAny>) -> PyResult<()> {
-    let py = awaitable.py();
-    if awaitable
+impl Inbox {
+    /// Posts the `outcome` of the asyncio future `target`, waking the loop if needed.
+    fn post(&self, target: Py<PyAny>, outcome: Outcome) {
+        self.posted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((target, outcome));
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            // Nonblocking: a full socket already holds a wake-up.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+}
+
+/// The loop's side of an [`Inbox`]: the callback `add_reader` calls.
+#[pyclass(frozen)]
+struct Mailbox(Arc<Inbox>);
+
+impl Mailbox {
+    /// The inbox of `event_loop`, made and registered with it on first use.
+    fn of(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Inbox>> {
+        static BY_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let py = event_loop.py();
+        let by_loop = BY_LOOP
+            .get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+                Ok(py
+                    .import("weakref")?
+                    .getattr("WeakKeyDictionary")?
+                    .call0()?
+                    .unbind())
+            })?
+            .bind(py);
+        if let Some(mailbox) = by_loop
+            .call_method1("get", (event_loop,))?
+            .cast::<Mailbox>()
+            .ok()
+        {
+            return Ok(mailbox.get().0.clone());
+        }
+        let (wake, woken) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        woken.set_nonblocking(true)?;
+        let fd = woken.as_raw_fd();
+        let inbox = Arc::new(Inbox {
+            posted: Mutex::default(),
+            signalled: AtomicBool::new(false),
+            wake,
+            woken,
+        });
+        let mailbox = Bound::new(py, Mailbox(inbox.clone()))?;
+        event_loop.call_method1(pyo3::intern!(py, "add_reader"), (fd, &mailbox))?;
+        by_loop.set_item(event_loop, mailbox)?;
+        Ok(inbox)
+    }
+}
+
+#[pymethods]
+impl Mailbox {
+    /// Settles every posted future (on the loop's thread).
+    fn __call__(&self, py: Python<'_>) {
+        let inbox = &self.0;
+        let mut drained = [0u8; 64];
+        while matches!((&inbox.woken).read(&mut drained), Ok(n) if n > 0) {}
+        // Cleared before taking the posts: a post after the take writes a new byte.
+        inbox.signalled.store(false, Ordering::Release);
+        let posted =
+            std::mem::take(&mut *inbox.posted.lock().unwrap_or_else(PoisonError::into_inner));
+        for (target, outcome) in posted {
+            let _ = settle(target.bind(py), outcome(py));
+        }
+    }
+}
+
+/// Sets the asyncio future's result or exception, unless it is done (cancelled).
+fn settle(target: &Bound<'_, PyAny>, outcome: PyResult<Option<Py<PyAny>>>) -> PyResult<()> {
+    let py = target.py();
+    if target
         .call_method0(pyo3::intern!(py, "done"))?
         .is_truthy()?
     {
         return Ok(());
     }
-    let method = match ok {
-        true => pyo3::intern!(py, "set_result"),
-        false => pyo3::intern!(py, "set_exception"),
+    match outcome {
+        Ok(Some(value)) => target.call_method1(pyo3::intern!(py, "set_result"), (value,))?,
+        Ok(None) => return Ok(()),
+        Err(error) => {
+            target.call_method1(pyo3::intern!(py, "set_exception"), (error.into_value(py),))?
+        }
     };
-    awaitable.call_method1(method, (value,))?;
     Ok(())
 }
 

@@ -176,10 +176,9 @@ impl Mailbox {
                     .unbind())
             })?
             .bind(py);
-        if let Some(mailbox) = by_loop
+        if let Ok(mailbox) = by_loop
             .call_method1("get", (event_loop,))?
             .cast::<Mailbox>()
-            .ok()
         {
             return Ok(mailbox.get().0.clone());
         }

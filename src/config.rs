@@ -760,8 +760,9 @@ impl EngineBuilder {
     /// Only a single statement that cannot touch the session's own state is shared:
     /// one starting with `SELECT`, `WITH`, `VALUES`, `TABLE`, `INSERT`, `UPDATE` or
     /// `DELETE`, without `;`, and naming none of the functions and objects that read or
-    /// change a session (`set_config`, advisory locks, `pg_temp`, `currval`, `lastval`,
-    /// `pg_backend_pid`, `SELECT … INTO`). Transactions, batches, COPY and `run_ddl` keep
+    /// change a session (`set_config`, `pg_settings`, advisory locks, `pg_temp`,
+    /// `currval`, `lastval`, `setseed`, `pg_prepared_statements`, `pg_backend_pid`,
+    /// `dblink`, `U&` escapes, `SELECT … INTO`). Transactions, batches, COPY and `run_ddl` keep
     /// a connection of their own, as does everything when the shared connections are
     /// full or stalled (see [`multiplex_max_in_flight`](Self::multiplex_max_in_flight) and
     /// [`multiplex_stall_after`](Self::multiplex_stall_after)).

@@ -2,22 +2,26 @@
 //! connections, sent back to back without waiting for earlier answers (the driver
 //! pipelines concurrent requests on one client), instead of taking a connection each.
 //!
-//! Only a statement that [`may_share`] a connection — one that can neither read nor
-//! change the state of its session — runs on a shared connection; everything else takes
-//! a connection of its own from the pool, as does every statement when the shared
+//! Only a statement that [`may_share`] a connection — one that leaves nothing on its
+//! session for the next statement to see (settings, locks, temporary objects) and reads
+//! nothing a previous one left — runs on a shared connection; everything else takes a
+//! connection of its own from the pool, as does every statement when the shared
 //! connections are full (`max_in_flight` requests each) or stalled. A connection is
-//! stalled when its oldest unanswered request has run longer than `stall_after`: it
-//! takes no new request until that one is answered. A slow statement thus delays only
-//! the requests queued behind it before it was seen to be slow: at most
-//! `max_in_flight - 1` of them, each by at most the statement's own time.
+//! stalled when its oldest outstanding request took its place more than `stall_after`
+//! ago: it takes no new request until that one is answered. A slow statement thus
+//! delays only the requests that took their places behind it within `stall_after` of
+//! its own: at most `max_in_flight - 1` of them, each by at most the statement's time.
+//! An abandoned statement that never ends (a lock wait, say) keeps its connection
+//! stalled until it does: give the server a `statement_timeout`.
 //!
 //! A shared request whose future is dropped is never cancelled: a cancel request stops
 //! whatever the backend runs at that moment, maybe another caller's statement. It runs
 //! to its end and the driver drops its answer; an empty query sent behind it tells when
 //! that end has come (answers come back in the order the requests went out).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::MultiplexSettings;
@@ -34,16 +38,21 @@ const SHAREABLE: [&str; 7] = [
 
 /// Names that keep a statement off shared connections, wherever they appear (in any
 /// case): functions and objects that read or change the state of the session — its
-/// settings, advisory locks, temporary objects, the last values of its sequences, its
-/// identity, connections of its own.
-const SESSION_BOUND: [&str; 7] = [
+/// settings (`pg_settings` can be updated), advisory locks, temporary objects, the last
+/// values of its sequences, its random seed, its prepared statements, its identity,
+/// connections of its own — and `U&` escapes, which could spell any of them.
+const SESSION_BOUND: [&str; 11] = [
     "set_config",
+    "pg_settings",
     "advisory",
     "pg_temp",
     "currval",
     "lastval",
+    "setseed",
+    "pg_prepared_statements",
     "pg_backend_pid",
     "dblink",
+    "u&",
 ];
 
 /// Whether `sql` (one statement) may run on a shared connection: it starts with
@@ -105,19 +114,18 @@ struct Slot {
     opening: AtomicBool,
 }
 
-/// A shared connection and its queue: requests are numbered as they are sent, and
-/// answered in that order.
+/// A shared connection and its queue: each request is numbered when a caller takes its
+/// place, and stays outstanding until it is answered (an abandoned one: until the marker
+/// sent behind it is answered).
 struct Shared {
     connection: Connection,
-    /// The clock of `head_since`.
+    /// The clock of the queue.
     epoch: Instant,
-    /// Requests sent.
-    sent: AtomicU64,
-    /// The number of the latest request answered: every earlier one is done too.
-    answered: AtomicU64,
-    /// Microseconds after `epoch` when the oldest unanswered request became the
-    /// oldest (the server started on it then, at the latest).
-    head_since: AtomicU64,
+    /// The last number given.
+    numbered: AtomicU64,
+    /// The outstanding requests, by number: when each took its place (microseconds
+    /// after `epoch`).
+    outstanding: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Shared {
@@ -125,9 +133,8 @@ impl Shared {
         Self {
             connection,
             epoch: Instant::now(),
-            sent: AtomicU64::new(0),
-            answered: AtomicU64::new(0),
-            head_since: AtomicU64::new(0),
+            numbered: AtomicU64::new(0),
+            outstanding: Mutex::default(),
         }
     }
 
@@ -135,29 +142,28 @@ impl Shared {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// Requests sent and not yet answered.
-    fn in_flight(&self) -> u64 {
-        let answered = self.answered.load(Ordering::Acquire);
-        self.sent.load(Ordering::Acquire).saturating_sub(answered)
+    fn queue(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the oldest unanswered request has run longer than `after`.
-    fn stalled(&self, after: Duration) -> bool {
-        self.in_flight() > 0
-            && self
-                .now()
-                .saturating_sub(self.head_since.load(Ordering::Acquire))
-                > after.as_micros() as u64
+    /// The requests outstanding, and whether the oldest of them has waited longer than
+    /// `after` (the connection is stalled).
+    fn load(&self, after: Duration) -> (u64, bool) {
+        let queue = self.queue();
+        let stalled = queue
+            .first_key_value()
+            .is_some_and(|(_, since)| self.now().saturating_sub(*since) > after.as_micros() as u64);
+        (queue.len() as u64, stalled)
     }
 
-    /// Numbers the next request sent on this connection.
+    /// Numbers the next request and puts it in the queue.
     fn enqueue(&self) -> u64 {
-        let before = self.sent.fetch_add(1, Ordering::AcqRel);
-        if before <= self.answered.load(Ordering::Acquire) {
-            // The queue was empty: this request is the oldest from now on.
-            self.head_since.store(self.now(), Ordering::Release);
-        }
-        before + 1
+        let number = self.numbered.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = self.now();
+        self.queue().insert(number, now);
+        number
     }
 
     /// A place in the queue for the next request of a caller.
@@ -169,29 +175,30 @@ impl Shared {
         }
     }
 
-    /// The request `number` (and so every earlier one) is answered; the next one, if
-    /// any, is the oldest from now on.
-    fn answer(&self, number: u64) {
-        self.answered.fetch_max(number, Ordering::AcqRel);
-        self.head_since.store(self.now(), Ordering::Release);
+    /// The requests `numbers` are answered.
+    fn answer(&self, numbers: &[u64]) {
+        let mut queue = self.queue();
+        for number in numbers {
+            queue.remove(number);
+        }
     }
 
-    /// After a request was abandoned: an empty query sent behind it is answered once
-    /// the abandoned request is done, which ends its place in the queue.
-    fn follow_abandoned(self: Arc<Self>) {
+    /// After the request `abandoned` was dropped: an empty query sent behind it is
+    /// answered once the abandoned request is done, which ends both.
+    fn follow_abandoned(self: Arc<Self>, abandoned: u64) {
         let marker = Marker {
-            number: self.enqueue(),
+            numbers: [abandoned, self.enqueue()],
             shared: self,
+            answered: false,
         };
-        // Without a runtime to send it on (or once the runtime shuts down), the marker
-        // is dropped at once, and the request counts as done: the queue's length is a
-        // routing hint, never a guarantee.
+        // Without a runtime to send it on, the marker is dropped at once: see its `Drop`.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                let mut marker = marker;
                 let connection = &marker.shared.connection;
                 let result = connection.client().batch_execute("").await;
                 connection.note(&result.map_err(crate::Error::from));
-                drop(marker);
+                marker.answered = true;
             });
         }
     }
@@ -200,7 +207,7 @@ impl Shared {
 impl Drop for Shared {
     /// The last request is done (a marker followed every abandoned one): nothing of
     /// any caller runs on the connection, which goes back to the pool as it is, with
-    /// nothing to cancel.
+    /// nothing to cancel. (Where that is not known, a marker marked it broken.)
     fn drop(&mut self) {
         self.connection.set_request_open(false);
     }
@@ -223,7 +230,7 @@ impl Ticket {
     /// The request got its answer (an error too).
     pub(crate) fn answered(&self) {
         if !self.answered.swap(true, Ordering::AcqRel) {
-            self.shared.answer(self.number);
+            self.shared.answer(&[self.number]);
         }
     }
 }
@@ -231,21 +238,27 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.answered.load(Ordering::Acquire) {
-            self.shared.clone().follow_abandoned();
+            self.shared.clone().follow_abandoned(self.number);
         }
     }
 }
 
-/// The empty query sent behind an abandoned request: answered (or given up) when
-/// dropped.
+/// The empty query sent behind an abandoned request. Dropped, it ends both in the
+/// queue; dropped unanswered (no runtime, or one shutting down), the abandoned request
+/// may still run, so the connection is marked broken: it is discarded, never reused.
 struct Marker {
     shared: Arc<Shared>,
-    number: u64,
+    /// The abandoned request's number and its own.
+    numbers: [u64; 2],
+    answered: bool,
 }
 
 impl Drop for Marker {
     fn drop(&mut self) {
-        self.shared.answer(self.number);
+        if !self.answered {
+            self.shared.connection.mark_broken();
+        }
+        self.shared.answer(&self.numbers);
     }
 }
 
@@ -267,6 +280,17 @@ pub struct SharedConnectionStatus {
     /// Whether its oldest request has run past `multiplex_stall_after`: it takes no new
     /// request until that one is answered.
     pub stalled: bool,
+}
+
+/// Marks a connection broken when dropped, unless its session was reset.
+struct BrokenUnlessReset<'a>(&'a Connection, bool);
+
+impl Drop for BrokenUnlessReset<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.mark_broken();
+        }
+    }
 }
 
 /// Holds a slot's `opening` flag while a caller opens its connection.
@@ -307,15 +331,20 @@ impl Multiplexer {
         let mut best: Option<(u64, Arc<Shared>)> = None;
         let mut vacant = None;
         for (index, slot) in self.slots.iter().enumerate() {
-            let guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
-            let Some(shared) = guard.as_ref().filter(|shared| !self.worn(shared)) else {
+            let mut guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
+            if guard.as_ref().is_some_and(|shared| self.worn(shared)) {
+                drop(guard);
+                self.retire(index);
+                guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
+            }
+            let Some(shared) = guard.as_ref() else {
                 if !slot.opening.load(Ordering::Acquire) {
                     vacant.get_or_insert(index);
                 }
                 continue;
             };
-            let in_flight = shared.in_flight();
-            if in_flight >= self.max_in_flight || shared.stalled(self.stall_after) {
+            let (in_flight, stalled) = shared.load(self.stall_after);
+            if in_flight >= self.max_in_flight || stalled {
                 continue;
             }
             if best.as_ref().is_none_or(|(fewest, _)| in_flight < *fewest) {
@@ -325,9 +354,11 @@ impl Multiplexer {
         let chosen = match (best, vacant) {
             (Some((0, shared)), _) | (Some((_, shared)), None) => Some(Ok(shared)),
             // Every connection is busy or missing: spread the load onto a new one.
-            (best, Some(index)) => match self.open(index, pool).await {
-                Some(opened) => Some(opened),
-                None => best.map(|(_, shared)| Ok(shared)),
+            (best, Some(index)) => match (self.open(index, pool).await, best) {
+                (Some(Ok(opened)), _) => Some(Ok(opened)),
+                // Opening failed, or another caller is opening it: the best one open.
+                (_, Some((_, shared))) => Some(Ok(shared)),
+                (opened, None) => opened,
             },
             (None, None) => None,
         };
@@ -356,6 +387,18 @@ impl Multiplexer {
         Ok(())
     }
 
+    /// Empties the slot `index` if its connection is worn: the connection goes back to
+    /// the pool (or is discarded, broken) once its last request is answered.
+    fn retire(&self, index: usize) {
+        let mut current = self.slots[index]
+            .shared
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|shared| self.worn(shared)) {
+            current.take();
+        }
+    }
+
     /// Whether `shared` must be replaced: it broke, or outlived `max_lifetime`.
     fn worn(&self, shared: &Shared) -> bool {
         shared.connection.is_broken()
@@ -380,12 +423,17 @@ impl Multiplexer {
             Err(error) if error.kind() == ErrorKind::PoolTimeout => return None,
             Err(error) => return Some(Err(error)),
         };
-        let reset = lifecycle::reset_session(connection.client(), &self.lifecycle).await;
-        if reset.is_err() {
-            // Not shared: discarded when dropped here.
-            connection.mark_broken();
+        // Dropped before the reset is done (the caller's future was), or failed: the
+        // session is neither its last user's nor a fresh one, so it is discarded.
+        let mut unreset = BrokenUnlessReset(&connection, true);
+        if lifecycle::reset_session(connection.client(), &self.lifecycle)
+            .await
+            .is_err()
+        {
             return None;
         }
+        unreset.1 = false;
+        drop(unreset);
         let shared = Arc::new(Shared::new(connection));
         let mut current = slot.shared.write().unwrap_or_else(PoisonError::into_inner);
         if self.closed.load(Ordering::Acquire) {
@@ -401,9 +449,12 @@ impl Multiplexer {
             .iter()
             .filter_map(|slot| {
                 let guard = slot.shared.read().unwrap_or_else(PoisonError::into_inner);
-                guard.as_ref().map(|shared| SharedConnectionStatus {
-                    in_flight: shared.in_flight() as usize,
-                    stalled: shared.stalled(self.stall_after),
+                guard.as_ref().map(|shared| {
+                    let (in_flight, stalled) = shared.load(self.stall_after);
+                    SharedConnectionStatus {
+                        in_flight: in_flight as usize,
+                        stalled,
+                    }
                 })
             })
             .collect()
@@ -461,6 +512,11 @@ mod tests {
             "SELECT lastval()",
             "SELECT pg_backend_pid()",
             "SELECT 1; SELECT 2",
+            "UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'",
+            "SELECT setseed(0.5)",
+            "SELECT * FROM pg_prepared_statements",
+            "SELECT U&\"pg_adv\\0069sory_lock\"(1)",
+            "/* /* */ SELECT */ SET search_path TO x",
             "SELECT * INTO TEMP t FROM band",
             "select *\ninto t from band",
             "EXPLAIN ANALYZE SELECT 1",

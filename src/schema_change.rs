@@ -36,7 +36,7 @@ pub(crate) fn first_word(mut sql: &str) -> &str {
         if let Some(rest) = sql.strip_prefix("--") {
             sql = rest.split_once('\n').map_or("", |(_, after)| after);
         } else if let Some(rest) = sql.strip_prefix("/*") {
-            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+            sql = after_block_comment(rest);
         } else {
             break;
         }
@@ -45,6 +45,28 @@ pub(crate) fn first_word(mut sql: &str) -> &str {
         .find(|c: char| !c.is_ascii_alphabetic())
         .unwrap_or(sql.len());
     &sql[..end]
+}
+
+/// What follows a block comment, `rest` being what follows its `/*`: comments nest in
+/// PostgreSQL, so `/* a /* b */ c */` is one. Empty when it never closes.
+fn after_block_comment(mut rest: &str) -> &str {
+    let mut depth = 1;
+    while depth > 0 {
+        let Some(at) = rest.find(['/', '*']) else {
+            return "";
+        };
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("/*") {
+            depth += 1;
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("*/") {
+            depth -= 1;
+            rest = after;
+        } else {
+            rest = &rest[1..];
+        }
+    }
+    rest
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //! to its end and the driver drops its answer; an empty query sent behind it tells when
 //! that end has come (answers come back in the order the requests went out).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -123,9 +123,10 @@ struct Shared {
     epoch: Instant,
     /// The last number given.
     numbered: AtomicU64,
-    /// The outstanding requests, by number: when each took its place (microseconds
-    /// after `epoch`).
-    outstanding: Mutex<BTreeMap<u64, u64>>,
+    /// The outstanding requests, oldest first: each one's number, and when it took its
+    /// place (microseconds after `epoch`). Short (at most `max_in_flight` and the
+    /// markers), and it keeps its capacity: no allocation per request.
+    outstanding: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl Shared {
@@ -142,7 +143,7 @@ impl Shared {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u64)>> {
         self.outstanding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -153,7 +154,7 @@ impl Shared {
     fn load(&self, after: Duration) -> (u64, bool) {
         let queue = self.queue();
         let stalled = queue
-            .first_key_value()
+            .front()
             .is_some_and(|(_, since)| self.now().saturating_sub(*since) > after.as_micros() as u64);
         (queue.len() as u64, stalled)
     }
@@ -161,8 +162,9 @@ impl Shared {
     /// Numbers the next request and puts it in the queue.
     fn enqueue(&self) -> u64 {
         let number = self.numbered.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = self.now();
-        self.queue().insert(number, now);
+        let mut queue = self.queue();
+        // The clock is read under the lock: the queue stays in order of time.
+        queue.push_back((number, self.now()));
         number
     }
 
@@ -179,7 +181,9 @@ impl Shared {
     fn answer(&self, numbers: &[u64]) {
         let mut queue = self.queue();
         for number in numbers {
-            queue.remove(number);
+            if let Some(at) = queue.iter().position(|(n, _)| n == number) {
+                queue.remove(at);
+            }
         }
     }
 

@@ -332,7 +332,12 @@ impl Report {
                  least; a Rust client on tokio close to it; Piccolo is limited by one Python \
                  thread. Latency percentiles mostly show run-queue waits, not the query. \
                  pgbench's latencies are left out wherever it runs more clients than threads: it \
-                 starts a transaction's clock only when its thread gets to that client."
+                 starts a transaction's clock only when its thread gets to that client. \
+                 `pgengine, multiplexed` (`.multiplex(4)`) sends the 32 callers' statements on \
+                 4 shared connections: 4 backends instead of 32 (see workload 1 at c=128 for \
+                 why that frees the CPU); its lower p50 is the same effect, the backends are \
+                 not waiting in the run queue. Here the client's own CPU per query becomes the \
+                 limit: at this rate it takes about one of the two cores."
             }
             Workload::PointSelect128 => {
                 "Workload 1 with 128 clients. With a connection per caller (pgengine, deadpool, \
@@ -344,7 +349,14 @@ impl Report {
                  for a whole burst of queries, reads them from one socket buffer and writes \
                  the answers back in one, so the server spends its CPU on queries rather than \
                  on switching. The price is latency: a query waits behind the ones queued \
-                 before it on its connection, which the p50 and p99 show."
+                 before it on its connection, which the p99 shows. On a server with many \
+                 cores the backends of a connection-per-caller pool no longer fight over two \
+                 CPUs, so their rate grows with the cores until locks and memory bandwidth \
+                 bound it, and multiplexing's lead over them narrows; what it keeps is the \
+                 cost per query of a wake-up and a context switch on each side, and far fewer \
+                 backends (memory, `max_connections`) for the same load. To use many cores, \
+                 raise the shared connections with them: one connection is served by one \
+                 backend, on one core."
             }
             Workload::MixedReads32 => {
                 "Reads as a service makes them, at c=32: three point selects to one read of a \

@@ -36,32 +36,40 @@ const SHAREABLE: [&str; 7] = [
     "select", "with", "values", "table", "insert", "update", "delete",
 ];
 
-/// Names that keep a statement off shared connections, wherever they appear (in any
-/// case): functions and objects that read or change the state of the session — its
+/// The names that keep a statement off shared connections, at the start of a word (in
+/// any case): functions and objects that read or change the state of the session — its
 /// settings (`pg_settings` can be updated), advisory locks, temporary objects, the last
 /// values of its sequences, its random seed, its prepared statements, its identity,
-/// connections of its own — and `U&` escapes, which could spell any of them.
-const SESSION_BOUND: [&str; 11] = [
-    "set_config",
-    "pg_settings",
-    "advisory",
-    "pg_temp",
-    "currval",
-    "lastval",
-    "setseed",
-    "pg_prepared_statements",
-    "pg_backend_pid",
-    "dblink",
-    "u&",
-];
+/// connections of its own — and `U&` escapes, which could spell any of them; and, in a
+/// statement that reads, `INTO`. Listed by first letter: a statement is scanned once.
+fn session_bound(first: u8, reads: bool) -> &'static [&'static str] {
+    match first {
+        b'c' => &["currval"],
+        b'd' => &["dblink"],
+        b'i' if reads => &["into"],
+        b'l' => &["lastval"],
+        b'p' => &[
+            "pg_advisory",
+            "pg_try_advisory",
+            "pg_settings",
+            "pg_temp",
+            "pg_prepared_statements",
+            "pg_backend_pid",
+        ],
+        b's' => &["set_config", "setseed"],
+        b'u' => &["u&"],
+        _ => &[],
+    }
+}
 
 /// Whether `sql` (one statement) may run on a shared connection: it starts with
 /// `SELECT`, `WITH`, `VALUES`, `TABLE`, `INSERT`, `UPDATE` or `DELETE`, holds no `;`,
-/// names nothing of [`SESSION_BOUND`], and is no `SELECT … INTO` (which creates a
-/// table, maybe a temporary one). Every other statement — `SET`, `LISTEN`, `PREPARE`,
-/// `DISCARD`, DDL, transaction control, anything unknown — may change the session, and
-/// gets a connection of its own. The test is on the text, so it errs on the side of
-/// caution: `into` or `currval` inside a string literal also keeps a statement off.
+/// has no word starting with a name of [`session_bound`], and is no `SELECT … INTO`
+/// (which creates a table, maybe a temporary one). Every other statement — `SET`,
+/// `LISTEN`, `PREPARE`, `DISCARD`, DDL, transaction control, anything unknown — may
+/// change the session, and gets a connection of its own. The test is on the text, so it
+/// errs on the side of caution: `into` or `currval` inside a string literal also keeps a
+/// statement off.
 ///
 /// ```ignore
 /// assert!(may_share("SELECT * FROM band WHERE id = $1"));
@@ -72,26 +80,27 @@ pub(crate) fn may_share(sql: &str) -> bool {
     let Some(&first) = SHAREABLE.iter().find(|w| w.eq_ignore_ascii_case(word)) else {
         return false;
     };
-    if sql.contains(';') || mentions_any(sql, &SESSION_BOUND) {
+    if sql.contains(';') {
         return false;
     }
     let reads = matches!(first, "select" | "with" | "values" | "table");
-    !(reads && mentions_any(sql, &["into"]))
+    let bytes = sql.as_bytes();
+    !(0..bytes.len()).any(|at| {
+        let starts_word = at == 0 || !is_identifier_byte(bytes[at - 1]);
+        starts_word
+            && session_bound(bytes[at].to_ascii_lowercase(), reads)
+                .iter()
+                .any(|name| {
+                    bytes[at..]
+                        .get(..name.len())
+                        .is_some_and(|here| here.eq_ignore_ascii_case(name.as_bytes()))
+                })
+    })
 }
 
-/// Whether `sql` contains any of the lower-case `names`, in any case.
-fn mentions_any(sql: &str, names: &[&str]) -> bool {
-    let bytes = sql.as_bytes();
-    (0..bytes.len()).any(|at| {
-        let rest = &bytes[at..];
-        let first = rest[0].to_ascii_lowercase();
-        names.iter().any(|name| {
-            let name = name.as_bytes();
-            name[0] == first
-                && rest.len() >= name.len()
-                && rest[..name.len()].eq_ignore_ascii_case(name)
-        })
-    })
+/// Whether `byte` can be inside an identifier (so no word starts after it).
+fn is_identifier_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
 }
 
 /// The shared connections of one pool, and which one takes the next statement.

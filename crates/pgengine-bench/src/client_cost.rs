@@ -43,6 +43,16 @@ pub async fn run(system: System, workload: Workload, url: &str, calls: u32) -> R
             use crate::systems::pgengine::{PgengineSession, engine};
             repeat(PgengineSession(engine(url, 1).await?), op, calls).await
         }
+        #[cfg(feature = "pgengine")]
+        System::PgengineMultiplexed => {
+            use crate::systems::pgengine::{PgengineSession, multiplexed_engine};
+            repeat(
+                PgengineSession(multiplexed_engine(url, 1).await?),
+                op,
+                calls,
+            )
+            .await
+        }
         other => bail!(
             "client-cost measures Rust clients in-process, not {}",
             other.name()

@@ -272,18 +272,17 @@ impl PostgresEngine {
     /// # Ok(()) });
     /// ```
     pub async fn close_connection_pool(&self) {
-        let contexts = std::iter::once(&self.context)
-            .chain(self.context.nodes.values())
-            .chain(&self.context.replicas);
-        let pools: Vec<_> = contexts
-            .flat_map(|context| [&context.pool, &context.sync_pool])
-            .collect();
-        for context in std::iter::once(&self.context)
+        let contexts: Vec<_> = std::iter::once(&self.context)
             .chain(self.context.nodes.values())
             .chain(&self.context.replicas)
-        {
+            .collect();
+        for context in &contexts {
             context.multiplexer.close();
         }
+        let pools: Vec<_> = contexts
+            .iter()
+            .flat_map(|context| [&context.pool, &context.sync_pool])
+            .collect();
         for pool in &pools {
             pool.close();
         }

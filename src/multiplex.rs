@@ -387,12 +387,12 @@ impl Multiplexer {
     /// [`PostgresEngine::start_connection_pool`](crate::PostgresEngine::start_connection_pool)).
     pub(crate) async fn open_all(&self, pool: &ConnectionPool) -> Result<()> {
         for (index, slot) in self.slots.iter().enumerate() {
+            self.retire(index);
             let vacant = slot
                 .shared
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_none_or(|shared| self.worn(shared));
+                .is_none();
             if vacant && let Some(Err(error)) = self.open(index, pool).await {
                 return Err(error);
             }

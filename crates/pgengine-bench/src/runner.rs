@@ -245,22 +245,12 @@ impl Runner {
                 result?
             }
             #[cfg(feature = "pgengine")]
-            System::Pgengine => {
-                use crate::systems::pgengine::{PgengineSession, engine};
-                let engine = engine(url, clients).await?;
-                let result = closed_loop(
-                    handles(clients, || PgengineSession(engine.clone())),
-                    timing,
-                    op,
-                )
-                .await;
-                engine.close_connection_pool().await;
-                result?
-            }
-            #[cfg(feature = "pgengine")]
-            System::PgengineMultiplexed => {
-                use crate::systems::pgengine::{PgengineSession, multiplexed_engine};
-                let engine = multiplexed_engine(url, clients).await?;
+            System::Pgengine | System::PgengineMultiplexed => {
+                use crate::systems::pgengine::{PgengineSession, engine, multiplexed_engine};
+                let engine = match system {
+                    System::PgengineMultiplexed => multiplexed_engine(url, clients).await?,
+                    _ => engine(url, clients).await?,
+                };
                 let result = closed_loop(
                     handles(clients, || PgengineSession(engine.clone())),
                     timing,

@@ -404,3 +404,50 @@ async fn the_shared_connections_must_leave_room_in_the_pool() {
     assert_eq!(error.kind(), ErrorKind::Config, "{error}");
     assert!(error.to_string().contains("max_connections"), "{error}");
 }
+
+#[tokio::test]
+async fn a_shared_connection_past_max_lifetime_is_replaced() {
+    let (_db, engine) = multiplexed(1, |b| b.max_lifetime(Duration::from_millis(300))).await;
+    engine.fetch("SELECT 1").await.unwrap();
+    let created = engine.pool_status().created;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let row = engine.fetch_one("SELECT 2").await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    let status = engine.pool_status();
+    assert_eq!(status.shared, 1, "{status:?}");
+    assert!(
+        status.created > created,
+        "a new connection replaced it: {status:?}"
+    );
+}
+
+/// A statement's future dropped at each await of opening a shared connection (taking
+/// it, resetting its session, running the after-connect hook again): no session is
+/// ever left without the hook's setting, for a later user of the pool or the slot.
+#[tokio::test]
+async fn a_future_dropped_while_a_shared_connection_opens_leaves_no_half_reset_session() {
+    for pendings in 0..8 {
+        let (_db, engine) = multiplexed(1, |b| {
+            b.after_connect(|client| {
+                Box::pin(async move { client.batch_execute("SET work_mem = '3MB'").await })
+            })
+        })
+        .await;
+        common::cancel_at_pending(engine.fetch("SELECT 1"), pendings).await;
+        // The pool's connections first (the one dropped half-way is among them), then
+        // the shared one.
+        let own =
+            futures::future::join_all((0..8).map(|_| common::show(&engine, "work_mem"))).await;
+        assert!(
+            own.iter().all(|w| w == "3MB"),
+            "dropped at await {pendings}: {own:?}"
+        );
+        engine.start_connection_pool().await.unwrap();
+        let shared: String = engine
+            .fetch_one("SELECT current_setting('work_mem')")
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(shared, "3MB", "dropped at await {pendings}");
+    }
+}

@@ -558,6 +558,20 @@ impl Client {
         query::query_typed(&self.inner, query, params).await
     }
 
+    /// Runs `statements` as one pipeline: sent together, ending in a single `Sync`, so
+    /// the server runs them back to back and answers once (pgengine's patch; see
+    /// [`PipelineStatement`](crate::PipelineStatement)). The first failing statement is
+    /// the error, with its index; the server runs nothing after it.
+    ///
+    /// Without an explicit `BEGIN` among them, the statements form one implicit
+    /// transaction, committed together or not at all.
+    pub async fn pipeline(
+        &self,
+        statements: &[crate::PipelineStatement<'_>],
+    ) -> Result<Vec<crate::PipelineResult>, crate::PipelineError> {
+        crate::pipeline::run(&self.inner, statements).await
+    }
+
     /// Executes a statement, returning the number of rows modified.
     ///
     /// A statement may contain parameters, specified by `$n`, where `n` is the index of the parameter of the list

@@ -216,6 +216,11 @@ impl Connection {
         self.statements.statement(self.client(), sql).await
     }
 
+    /// `sql` prepared on this connection if its statement cache has it (nothing sent).
+    pub(crate) fn cached_statement(&self, sql: &str) -> Option<Statement> {
+        self.statements.cached(sql)
+    }
+
     /// Drops `sql` from the statement cache.
     pub(crate) fn forget_statement(&self, sql: &str) {
         self.statements.forget(sql);

@@ -78,7 +78,7 @@ impl QueryLog {
         let watch = self.watch(sql, params, parent);
         let result = request.await;
         if let Some(watch) = watch {
-            watch.report(&result, row_count);
+            watch.report(result.as_ref(), row_count);
         }
         result
     }
@@ -98,7 +98,11 @@ pub(crate) struct Watch<'a> {
 
 impl Watch<'_> {
     /// Reports the finished request.
-    pub(crate) fn report<T>(self, result: &Result<T>, row_count: impl Fn(&T) -> Option<usize>) {
+    pub(crate) fn report<T>(
+        self,
+        result: std::result::Result<&T, &Error>,
+        row_count: impl Fn(&T) -> Option<usize>,
+    ) {
         let Self {
             log,
             sql,
@@ -113,7 +117,6 @@ impl Watch<'_> {
             telemetry::record_error(&span, error);
         }
         let error = result
-            .as_ref()
             .err()
             .map(|error| logged_error(error, log.log_arguments));
         if log.log_queries {
@@ -124,7 +127,7 @@ impl Watch<'_> {
             }
         }
         if log.log_responses {
-            let rows = result.as_ref().ok().and_then(row_count);
+            let rows = result.ok().and_then(row_count);
             tracing::debug!(target: "pgengine::query", query_id, rows, duration_us, "response");
         }
         if let Some(threshold) = log.slow_query_threshold

@@ -162,6 +162,12 @@ impl StatementCache {
         Ok(statement)
     }
 
+    /// `sql` prepared on this connection if the cache has it (nothing is sent).
+    pub(crate) fn cached(&self, sql: &str) -> Option<Statement> {
+        let epoch = self.schema_epoch.load(Ordering::Acquire);
+        self.recency.get(sql, epoch)
+    }
+
     /// Drops `sql` from the statement cache.
     pub(crate) fn forget(&self, sql: &str) {
         self.recency.forget(sql);
@@ -253,7 +259,9 @@ const DECLARABLE: &[Type] = &[
 
 /// Each parameter with the type it is declared as in an unnamed statement (which,
 /// unlike a prepared one, cannot ask the server first).
-fn typed<'a>(params: &[&'a (dyn ToSql + Sync)]) -> Result<Vec<(&'a (dyn ToSql + Sync), Type)>> {
+pub(crate) fn typed<'a>(
+    params: &[&'a (dyn ToSql + Sync)],
+) -> Result<Vec<(&'a (dyn ToSql + Sync), Type)>> {
     let mut scratch = BytesMut::new();
     params
         .iter()

@@ -323,7 +323,7 @@ impl Runner {
                 self.connection().ran_statement(sql);
             }
             if let Some(watch) = watch {
-                watch.report(&result, |answer| Some(answer.row_count()));
+                watch.report(result.as_ref(), |answer| Some(answer.row_count()));
             }
             result
         }

@@ -11,13 +11,15 @@ use std::task::Poll;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
-use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{PipelineStatement, Row, Statement};
 
 use super::Runner;
 use crate::context::Finish;
 use crate::error::{Error, Result};
+use crate::pool::Connection;
 use crate::query::CompiledQuery;
+use crate::statements::typed;
 
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -77,15 +79,154 @@ pub(crate) async fn run(
     let _permit = runner.admit().await?;
     let _turn = runner.turn().await;
     let connection = runner.connection();
-    let result = connection
-        .guarded(run_in_order(runner, statements, want, own_transaction))
-        .await;
+    let result = match bindable(connection, statements, changes_schema) {
+        Some(bound) => {
+            let request = run_synced(runner, statements, &bound, want, own_transaction);
+            connection.guarded(request).await
+        }
+        None => {
+            let request = run_in_order(runner, statements, want, own_transaction);
+            connection.guarded(request).await
+        }
+    };
     if changes_schema && result.is_ok() {
         for statement in statements {
             connection.ran_statement(statement.sql());
         }
     }
     runner.noted(result)
+}
+
+/// A statement ready to be bound without asking the server anything.
+enum Bindable<'q> {
+    /// From the statement cache.
+    Prepared(Statement, &'q [&'q (dyn ToSql + Sync)]),
+    /// Parsed at its turn: without parameters, or with no statement cache.
+    Unnamed(&'q str, Vec<(&'q (dyn ToSql + Sync), Type)>),
+}
+
+impl Bindable<'_> {
+    fn as_pipeline(&self) -> PipelineStatement<'_> {
+        match self {
+            Bindable::Prepared(statement, params) => PipelineStatement::Prepared(statement, params),
+            Bindable::Unnamed(sql, params) => PipelineStatement::Unnamed(sql, params),
+        }
+    }
+}
+
+/// Every statement of the bundle ready to be bound, or `None` when one needs the
+/// server first: a text not in the statement cache, or a cached one that a schema
+/// change earlier in the bundle could make stale (each is then prepared at its turn).
+fn bindable<'q>(
+    connection: &Connection,
+    statements: &'q [CompiledQuery<'q>],
+    changes_schema: bool,
+) -> Option<Vec<Bindable<'q>>> {
+    statements
+        .iter()
+        .map(|statement| {
+            let (sql, params) = (statement.sql(), statement.params());
+            if params.is_empty() {
+                Some(Bindable::Unnamed(sql, Vec::new()))
+            } else if !connection.caches_statements() {
+                typed(params)
+                    .ok()
+                    .map(|typed| Bindable::Unnamed(sql, typed))
+            } else if changes_schema {
+                None
+            } else {
+                connection
+                    .cached_statement(sql)
+                    .map(|prepared| Bindable::Prepared(prepared, params))
+            }
+        })
+        .collect()
+}
+
+/// Sends the whole bundle as one pipeline ending in one `Sync` (with `BEGIN` and
+/// `COMMIT` around it for its own transaction): the server runs the statements back
+/// to back and answers once. At the first failure it skips the rest, up to the `Sync`.
+async fn run_synced(
+    runner: &Runner,
+    statements: &[CompiledQuery<'_>],
+    bound: &[Bindable<'_>],
+    want: Want,
+    own_transaction: bool,
+) -> Result<Vec<Outcome>> {
+    let connection = runner.connection();
+    let bracket = usize::from(own_transaction);
+    let mut sent = Vec::with_capacity(bound.len() + 2 * bracket);
+    let mut watched = Vec::with_capacity(sent.capacity());
+    let log = &runner.context().log;
+    if own_transaction {
+        connection.set_in_transaction(true);
+        sent.push(PipelineStatement::Unnamed("BEGIN", &[]));
+        watched.push(log.watch("BEGIN", &[], runner.span()));
+    }
+    for (statement, bound) in statements.iter().zip(bound) {
+        sent.push(bound.as_pipeline());
+        watched.push(log.watch(statement.sql(), statement.params(), runner.span()));
+    }
+    if own_transaction {
+        sent.push(PipelineStatement::Unnamed("COMMIT", &[]));
+        watched.push(log.watch("COMMIT", &[], runner.span()));
+    }
+    let answer = connection.client().pipeline(&sent).await;
+    let results = match answer {
+        Ok(results) => results,
+        Err(failure) => {
+            let index = failure.index();
+            let error = Error::from(failure.into_error());
+            // Which statement failed: one of the bundle's, or the `COMMIT` (or the
+            // connection, before any answer told).
+            let statement = index
+                .and_then(|index| index.checked_sub(bracket))
+                .filter(|index| *index < statements.len());
+            let error = match statement {
+                Some(index) => error.with_statement(index, statements[index].sql()),
+                None => error,
+            };
+            if let Some(watch) = index.and_then(|index| watched.get_mut(index)?.take()) {
+                watch.report::<()>(Err(&error), |_| None);
+            }
+            if !own_transaction {
+                return Err(error);
+            }
+            let commit_sent_or_unknown = index.is_none_or(|index| index > statements.len());
+            if error.is_connection_failure() && !commit_sent_or_unknown {
+                return Err(error); // the transaction died with the connection
+            }
+            return runner
+                .context()
+                .settle_end(connection, Finish::Commit, Err(error))
+                .await
+                .map(|()| Vec::new());
+        }
+    };
+    if own_transaction {
+        connection.set_in_transaction(false);
+    }
+    let last = statements.len() - 1;
+    let mut outcomes = Vec::with_capacity(statements.len());
+    for (index, (result, watch)) in results.into_iter().zip(watched).enumerate() {
+        let count = result.rows_affected();
+        let row_count = match result.rows() {
+            [] => count as usize,
+            rows => rows.len(),
+        };
+        if let Some(watch) = watch {
+            watch.report(Ok(&()), |_| Some(row_count));
+        }
+        let Some(index) = index.checked_sub(bracket).filter(|index| *index <= last) else {
+            continue; // BEGIN, COMMIT
+        };
+        outcomes.push(if want == Want::RowsOfLast && index == last {
+            Outcome::Rows(result.into_rows())
+        } else {
+            Outcome::Count(count)
+        });
+    }
+    Ok(outcomes)
 }
 
 /// Prepares each distinct parameterized text, pipelined; failures are left for the

@@ -20,7 +20,7 @@ use crate::query::{encode_bind, encode_bind_raw, extract_row_affected};
 use crate::types::{ToSql, Type};
 use crate::{Column, Error, Row, Statement};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::backend::{DataRowBody, Message, RowDescriptionBody};
 use postgres_protocol::message::frontend;
 use std::fmt;
 use std::sync::Arc;
@@ -122,9 +122,12 @@ pub(crate) async fn run(
         .map_err(PipelineError::whole)?;
 
     let mut results = Vec::with_capacity(statements.len());
-    // The statement whose rows are arriving (its columns, to decode them).
-    let mut current: Option<Statement> = None;
+    // Rows of unnamed statements wait for the end of the pipeline to be typed: looking
+    // a type up on the server is a request of its own, answered only after this one.
+    let mut untyped: Vec<Untyped> = Vec::new();
+    let mut described: Option<RowDescriptionBody> = None;
     let mut rows = Vec::new();
+    let mut bodies = Vec::new();
     loop {
         let message = match responses.next().await {
             Ok(message) => message,
@@ -146,50 +149,93 @@ pub(crate) async fn run(
         };
         match message {
             Message::ParseComplete | Message::BindComplete | Message::NoData => {}
-            Message::RowDescription(body) => {
-                let mut columns = Vec::new();
-                let mut fields = body.fields();
-                while let Some(field) = fields.next().map_err(|e| PipelineError::whole(Error::parse(e)))? {
-                    let r#type = get_type(client, field.type_oid())
-                        .await
-                        .map_err(PipelineError::whole)?;
-                    columns.push(Column {
-                        name: field.name().to_string(),
-                        table_oid: Some(field.table_oid()).filter(|n| *n != 0),
-                        column_id: Some(field.column_id()).filter(|n| *n != 0),
-                        type_modifier: field.type_modifier(),
-                        r#type,
-                    });
+            Message::RowDescription(body) => described = Some(body),
+            Message::DataRow(body) => match statements.get(results.len()) {
+                Some(PipelineStatement::Prepared(statement, _)) => {
+                    rows.push(Row::new((*statement).clone(), body).map_err(PipelineError::whole)?)
                 }
-                current = Some(Statement::unnamed(vec![], columns));
-            }
-            Message::DataRow(body) => {
-                let statement = match (&current, statements.get(results.len())) {
-                    (Some(statement), _) => statement.clone(),
-                    (None, Some(PipelineStatement::Prepared(statement, _))) => (*statement).clone(),
-                    _ => return Err(PipelineError::whole(Error::unexpected_message())),
-                };
-                rows.push(Row::new(statement, body).map_err(PipelineError::whole)?);
-            }
+                Some(PipelineStatement::Unnamed(..)) if described.is_some() => bodies.push(body),
+                _ => return Err(PipelineError::whole(Error::unexpected_message())),
+            },
             Message::CommandComplete(body) => {
                 let rows_affected = extract_row_affected(&body).map_err(PipelineError::whole)?;
-                results.push(PipelineResult {
-                    rows: std::mem::take(&mut rows),
-                    rows_affected,
-                });
-                current = None;
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, rows_affected);
             }
             Message::EmptyQueryResponse => {
-                results.push(PipelineResult {
-                    rows: std::mem::take(&mut rows),
-                    rows_affected: 0,
-                });
-                current = None;
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, 0);
             }
-            Message::ReadyForQuery(_) if results.len() == statements.len() => return Ok(results),
+            Message::ReadyForQuery(_) if results.len() == statements.len() => break,
             _ => return Err(PipelineError::whole(Error::unexpected_message())),
         }
     }
+    for Untyped {
+        index,
+        description,
+        bodies,
+    } in untyped
+    {
+        let statement = Statement::unnamed(vec![], columns(client, &description).await?);
+        results[index].rows = bodies
+            .into_iter()
+            .map(|body| Row::new(statement.clone(), body))
+            .collect::<Result<_, _>>()
+            .map_err(PipelineError::whole)?;
+    }
+    Ok(results)
+}
+
+/// The rows of an unnamed statement, before their columns are typed.
+struct Untyped {
+    index: usize,
+    description: RowDescriptionBody,
+    bodies: Vec<DataRowBody>,
+}
+
+/// Ends the answer of the statement whose rows were arriving.
+fn finish(
+    results: &mut Vec<PipelineResult>,
+    untyped: &mut Vec<Untyped>,
+    described: &mut Option<RowDescriptionBody>,
+    rows: &mut Vec<Row>,
+    bodies: &mut Vec<DataRowBody>,
+    rows_affected: u64,
+) {
+    if let Some(description) = described.take() {
+        untyped.push(Untyped {
+            index: results.len(),
+            description,
+            bodies: std::mem::take(bodies),
+        });
+    }
+    results.push(PipelineResult {
+        rows: std::mem::take(rows),
+        rows_affected,
+    });
+}
+
+/// The columns a `RowDescription` describes, with their types.
+async fn columns(
+    client: &Arc<InnerClient>,
+    description: &RowDescriptionBody,
+) -> Result<Vec<Column>, PipelineError> {
+    let mut columns = Vec::new();
+    let mut fields = description.fields();
+    while let Some(field) = fields
+        .next()
+        .map_err(|e| PipelineError::whole(Error::parse(e)))?
+    {
+        let r#type = get_type(client, field.type_oid())
+            .await
+            .map_err(PipelineError::whole)?;
+        columns.push(Column {
+            name: field.name().to_string(),
+            table_oid: Some(field.table_oid()).filter(|n| *n != 0),
+            column_id: Some(field.column_id()).filter(|n| *n != 0),
+            type_modifier: field.type_modifier(),
+            r#type,
+        });
+    }
+    Ok(columns)
 }
 
 /// `Bind` and `Execute` of a prepared statement; `Parse`, `Bind`, `Describe` and

@@ -207,6 +207,41 @@ pub trait Executor: sealed::Sealed + Sync {
         }
     }
 
+    /// Runs `sql`, one statement, once for each of `rows` (its parameters, in `$n`
+    /// order), all in one transaction (this one, or its own), and returns the rows
+    /// affected, summed. The statement is prepared once and every row goes out in one
+    /// pipeline, answered once: the way to insert many rows when a `COPY` will not do
+    /// (`ON CONFLICT`, `RETURNING`-less upserts, updates). A failing row is named (the
+    /// error's [`statement`](crate::Error::statement) index is the row's) and no row is
+    /// applied; a row with the wrong number of values is an
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error before anything is sent.
+    ///
+    /// ```
+    /// # pgengine_testing::doctest(async |engine| {
+    /// use pgengine::prelude::*;
+    /// use pgengine::types::ToSql;
+    /// let bands = [("Gophers", 3000), ("Crabs", 500)];
+    /// let rows: Vec<[&(dyn ToSql + Sync); 2]> = bands.iter().map(|(n, p)| [n as _, p as _]).collect();
+    /// let inserted = engine
+    ///     .execute_many(
+    ///         "INSERT INTO band (name, popularity) VALUES ($1, $2)",
+    ///         rows.iter().map(|row| &row[..]),
+    ///     )
+    ///     .await?;
+    /// assert_eq!(inserted, 2);
+    /// # Ok(()) });
+    /// ```
+    fn execute_many<'a, I>(&self, sql: &str, rows: I) -> impl Future<Output = Result<u64>> + Send
+    where
+        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]> + Send,
+        I::IntoIter: Send,
+    {
+        async move {
+            let rows: Vec<_> = rows.into_iter().collect();
+            self.runner().await?.execute_many(sql, &rows).await
+        }
+    }
+
     /// Runs DDL: one statement or several separated by `;`, sent as written over the
     /// simple protocol. Several statements outside a transaction run as one implicit
     /// transaction (all or nothing).

@@ -287,6 +287,16 @@ impl Runner {
             .map(drop)
     }
 
+    /// Runs `sql` once for each of `rows`, in one transaction, as one pipeline (see
+    /// [`Executor::execute_many`](crate::Executor::execute_many)).
+    pub(crate) async fn execute_many(
+        &self,
+        sql: &str,
+        rows: &[&[&(dyn ToSql + Sync)]],
+    ) -> Result<u64> {
+        pipeline::run_many(self, sql, rows).await
+    }
+
     /// Runs SQL over the simple protocol.
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
         let _permit = self.admit().await?;

@@ -81,7 +81,7 @@ pub(crate) async fn run(
     let connection = runner.connection();
     let result = match bindable(connection, statements, changes_schema) {
         Some(bound) => {
-            let request = run_synced(runner, statements, &bound, want, own_transaction);
+            let request = run_synced(runner, &bound, want, own_transaction);
             connection.guarded(request).await
         }
         None => {
@@ -98,18 +98,38 @@ pub(crate) async fn run(
 }
 
 /// A statement ready to be bound without asking the server anything.
-enum Bindable<'q> {
-    /// From the statement cache.
-    Prepared(Statement, &'q [&'q (dyn ToSql + Sync)]),
-    /// Parsed at its turn: without parameters, or with no statement cache.
-    Unnamed(&'q str, Vec<(&'q (dyn ToSql + Sync), Type)>),
+struct Bound<'q> {
+    sql: &'q str,
+    params: &'q [&'q (dyn ToSql + Sync)],
+    form: Form<'q>,
 }
 
-impl Bindable<'_> {
+enum Form<'q> {
+    /// From the statement cache.
+    Prepared(Statement),
+    /// Parsed at its turn (without parameters, or with no statement cache), with the
+    /// types its parameters are declared as.
+    Unnamed(Vec<(&'q (dyn ToSql + Sync), Type)>),
+}
+
+impl<'q> Bound<'q> {
+    /// `sql` with `params`, bound as `statement`, or unnamed when there is none.
+    fn new(
+        sql: &'q str,
+        params: &'q [&'q (dyn ToSql + Sync)],
+        statement: Option<&Statement>,
+    ) -> Result<Self> {
+        let form = match statement {
+            Some(statement) => Form::Prepared(statement.clone()),
+            None => Form::Unnamed(typed(params)?),
+        };
+        Ok(Self { sql, params, form })
+    }
+
     fn as_pipeline(&self) -> PipelineStatement<'_> {
-        match self {
-            Bindable::Prepared(statement, params) => PipelineStatement::Prepared(statement, params),
-            Bindable::Unnamed(sql, params) => PipelineStatement::Unnamed(sql, params),
+        match &self.form {
+            Form::Prepared(statement) => PipelineStatement::Prepared(statement, self.params),
+            Form::Unnamed(typed) => PipelineStatement::Unnamed(self.sql, typed),
         }
     }
 }
@@ -121,26 +141,75 @@ fn bindable<'q>(
     connection: &Connection,
     statements: &'q [CompiledQuery<'q>],
     changes_schema: bool,
-) -> Option<Vec<Bindable<'q>>> {
+) -> Option<Vec<Bound<'q>>> {
     statements
         .iter()
         .map(|statement| {
             let (sql, params) = (statement.sql(), statement.params());
-            if params.is_empty() {
-                Some(Bindable::Unnamed(sql, Vec::new()))
-            } else if !connection.caches_statements() {
-                typed(params)
-                    .ok()
-                    .map(|typed| Bindable::Unnamed(sql, typed))
-            } else if changes_schema {
+            let prepared = if params.is_empty() || !connection.caches_statements() {
                 None
+            } else if changes_schema {
+                return None;
             } else {
-                connection
-                    .cached_statement(sql)
-                    .map(|prepared| Bindable::Prepared(prepared, params))
-            }
+                Some(connection.cached_statement(sql)?)
+            };
+            Bound::new(sql, params, prepared.as_ref()).ok()
         })
         .collect()
+}
+
+/// Runs `sql` once for each of `rows` (its parameters), in one transaction (the
+/// runner's, or its own), as one pipeline with one `Sync`: one statement prepared, a
+/// `Bind`/`Execute` per row. Returns the rows affected, summed. A failure names the
+/// row (as the failing statement's index) and applies none.
+pub(crate) async fn run_many(
+    runner: &Runner,
+    sql: &str,
+    rows: &[&[&(dyn ToSql + Sync)]],
+) -> Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let own_transaction = runner.transaction().is_none();
+    let _permit = runner.admit().await?;
+    let _turn = runner.turn().await;
+    let connection = runner.connection();
+    let mut retried = false;
+    let result = loop {
+        let request = async {
+            let prepared = match connection.caches_statements() {
+                true => Some(connection.statement(sql).await?),
+                false => None,
+            };
+            let bound = rows
+                .iter()
+                .enumerate()
+                .map(|(index, params)| {
+                    if let Some(expected) = prepared.as_ref().map(|p| p.params().len())
+                        && params.len() != expected
+                    {
+                        return Err(Error::invalid_input(format!(
+                            "row {index} has {} values, the statement takes {expected}",
+                            params.len()
+                        )));
+                    }
+                    Bound::new(sql, params, prepared.as_ref())
+                        .map_err(|error| error.with_statement(index, sql))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            run_synced(runner, &bound, Want::Counts, own_transaction).await
+        };
+        match connection.guarded(request).await {
+            Err(error) if runner.retry_stale(sql, &error, &mut retried) => {}
+            result => break result,
+        }
+    };
+    if result.is_ok() {
+        connection.ran_statement(sql);
+    }
+    runner
+        .noted(result)
+        .map(|outcomes| outcomes.iter().map(Outcome::count).sum())
 }
 
 /// Sends the whole bundle as one pipeline ending in one `Sync` (with `BEGIN` and
@@ -148,8 +217,7 @@ fn bindable<'q>(
 /// to back and answers once. At the first failure it skips the rest, up to the `Sync`.
 async fn run_synced(
     runner: &Runner,
-    statements: &[CompiledQuery<'_>],
-    bound: &[Bindable<'_>],
+    bound: &[Bound<'_>],
     want: Want,
     own_transaction: bool,
 ) -> Result<Vec<Outcome>> {
@@ -163,9 +231,9 @@ async fn run_synced(
         sent.push(PipelineStatement::Unnamed("BEGIN", &[]));
         watched.push(log.watch("BEGIN", &[], runner.span()));
     }
-    for (statement, bound) in statements.iter().zip(bound) {
-        sent.push(bound.as_pipeline());
-        watched.push(log.watch(statement.sql(), statement.params(), runner.span()));
+    for statement in bound {
+        sent.push(statement.as_pipeline());
+        watched.push(log.watch(statement.sql, statement.params, runner.span()));
     }
     if own_transaction {
         sent.push(PipelineStatement::Unnamed("COMMIT", &[]));
@@ -181,9 +249,9 @@ async fn run_synced(
             // connection, before any answer told).
             let statement = index
                 .and_then(|index| index.checked_sub(bracket))
-                .filter(|index| *index < statements.len());
+                .filter(|index| *index < bound.len());
             let error = match statement {
-                Some(index) => error.with_statement(index, statements[index].sql()),
+                Some(index) => error.with_statement(index, bound[index].sql),
                 None => error,
             };
             if let Some(watch) = index.and_then(|index| watched.get_mut(index)?.take()) {
@@ -192,7 +260,7 @@ async fn run_synced(
             if !own_transaction {
                 return Err(error);
             }
-            let commit_sent_or_unknown = index.is_none_or(|index| index > statements.len());
+            let commit_sent_or_unknown = index.is_none_or(|index| index > bound.len());
             if error.is_connection_failure() && !commit_sent_or_unknown {
                 return Err(error); // the transaction died with the connection
             }
@@ -206,8 +274,8 @@ async fn run_synced(
     if own_transaction {
         connection.set_in_transaction(false);
     }
-    let last = statements.len() - 1;
-    let mut outcomes = Vec::with_capacity(statements.len());
+    let last = bound.len() - 1;
+    let mut outcomes = Vec::with_capacity(bound.len());
     for (index, (result, watch)) in results.into_iter().zip(watched).enumerate() {
         let count = result.rows_affected();
         let row_count = match result.rows() {

@@ -375,10 +375,42 @@ async fn an_empty_atomic_sends_nothing() {
 }
 
 /// A TCP proxy (127.0.0.1 only) in front of the server that delivers every
-/// server→client chunk `delay` after it arrived, and counts client→server chunks.
+/// server→client chunk `delay` after it arrived, and counts client→server chunks and
+/// the server's `ReadyForQuery` messages (one per `Sync` or simple query answered).
 struct SlowProxy {
     port: u16,
     client_chunks: Arc<AtomicUsize>,
+    ready_for_query: Arc<AtomicUsize>,
+}
+
+/// Counts the `ReadyForQuery` messages of a server→client byte stream, read in chunks.
+#[derive(Default)]
+struct MessageCounter {
+    pending: Vec<u8>,
+    started: bool,
+}
+
+impl MessageCounter {
+    /// The `ReadyForQuery` messages completed by `chunk`.
+    fn ready_for_query_in(&mut self, chunk: &[u8]) -> usize {
+        self.pending.extend_from_slice(chunk);
+        if !self.started && !self.pending.is_empty() {
+            self.started = true;
+            if matches!(self.pending[0], b'N' | b'S') {
+                self.pending.remove(0); // the one-byte answer to an SSLRequest
+            }
+        }
+        let mut ready = 0;
+        while self.pending.len() >= 5 {
+            let length = u32::from_be_bytes(self.pending[1..5].try_into().unwrap()) as usize;
+            if self.pending.len() < 1 + length {
+                break;
+            }
+            ready += usize::from(self.pending[0] == b'Z');
+            self.pending.drain(..1 + length);
+        }
+        ready
+    }
 }
 
 impl SlowProxy {
@@ -387,6 +419,8 @@ impl SlowProxy {
         let port = listener.local_addr().unwrap().port();
         let client_chunks = Arc::new(AtomicUsize::new(0));
         let counter = client_chunks.clone();
+        let ready_for_query = Arc::new(AtomicUsize::new(0));
+        let ready = ready_for_query.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -407,9 +441,12 @@ impl SlowProxy {
                     let _ = server_write.shutdown().await;
                 });
                 let (chunks, mut delayed) = tokio::sync::mpsc::unbounded_channel();
+                let ready = ready.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0; 64 * 1024];
+                    let mut messages = MessageCounter::default();
                     while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                        ready.fetch_add(messages.ready_for_query_in(&buf[..n]), Ordering::Relaxed);
                         if chunks
                             .send((Instant::now() + delay, buf[..n].to_vec()))
                             .is_err()
@@ -432,11 +469,16 @@ impl SlowProxy {
         Self {
             port,
             client_chunks,
+            ready_for_query,
         }
     }
 
     fn client_chunks(&self) -> usize {
         self.client_chunks.load(Ordering::Relaxed)
+    }
+
+    fn ready_for_query(&self) -> usize {
+        self.ready_for_query.load(Ordering::Relaxed)
     }
 }
 
@@ -477,10 +519,17 @@ async fn round_trips_do_not_grow_with_the_statement_count() {
 
     // Second run: prepared already (statement cache of the only connection).
     let chunks_before = proxy.client_chunks();
+    let ready_before = proxy.ready_for_query();
     let started = Instant::now();
     bundle(STATEMENTS).run().await.unwrap();
     let second = started.elapsed();
     let chunks = proxy.client_chunks() - chunks_before;
+    // BEGIN, the 100 inserts and COMMIT end in one Sync: the server answers once.
+    assert_eq!(
+        proxy.ready_for_query() - ready_before,
+        1,
+        "one Sync per bundle"
+    );
     eprintln!(
         "{STATEMENTS} inserts over a {DELAY:?} link: first run {first:?}, second run {second:?} \
          ({chunks} client→server chunks)"
@@ -492,9 +541,16 @@ async fn round_trips_do_not_grow_with_the_statement_count() {
     let in_transaction = engine
         .transaction()
         .run(async |_tx| {
+            let ready_before = proxy.ready_for_query();
             let started = Instant::now();
             bundle(2 * STATEMENTS).run().await?;
-            Ok::<_, Error>(started.elapsed())
+            let elapsed = started.elapsed();
+            assert_eq!(
+                proxy.ready_for_query() - ready_before,
+                1,
+                "one Sync in a transaction"
+            );
+            Ok::<_, Error>(elapsed)
         })
         .await
         .unwrap();

@@ -21,6 +21,7 @@ mod listen;
 mod metrics;
 mod multiplex;
 mod pgbouncer;
+mod pipeline_sync;
 mod pool_lifecycle;
 mod query;
 mod replication;

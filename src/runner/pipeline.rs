@@ -1,8 +1,12 @@
-//! Sending many statements back to back on one connection, in one transaction.
+//! Sending many statements on one connection, in one transaction.
 //!
-//! tokio-postgres sends a request when its future is first polled and answers requests
-//! in order, so polling every request once, in order, before waiting for any answer puts
-//! them all on the wire together: the round trips do not grow with the statement count.
+//! When every statement can be bound at once (cached, without parameters, or unnamed),
+//! the whole bundle is one request that ends in one `Sync` (`Client::pipeline`, the
+//! driver patch): the server runs the statements back to back and answers once.
+//! Otherwise each statement is its own request, still sent back to back: tokio-postgres
+//! sends a request when its future is first polled and answers requests in order, so
+//! polling every request once, in order, before waiting for any answer puts them all on
+//! the wire together, and the round trips do not grow with the statement count.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,7 +56,9 @@ impl Outcome {
 /// one, else its own (`BEGIN` … `COMMIT`, pipelined with the statements). The first
 /// failing statement is the error, with its index and SQL; a failure rolls back all.
 ///
-/// A statement with parameters needs its prepared form (statement cache, once per
+/// When every statement can then be bound at once, the bundle is one pipeline with one
+/// `Sync` ([`run_synced`]); else each statement is its own request, back to back:
+/// a statement with parameters needs its prepared form (statement cache, once per
 /// connection) before it can be sent. A statement may depend on what an earlier one
 /// does (`CREATE TABLE t` then `INSERT INTO t …`), so a statement is only prepared
 /// after the ones before it were sent: a cache miss sends its `Parse` behind them and

@@ -1,5 +1,7 @@
 """Piccolo ORM side of the pgengine benchmark: its PostgresEngine on asyncpg, or
-pgengine-piccolo's PgenginePostgresEngine (`--engine pgengine`), the same code else.
+pgengine-piccolo's PgenginePostgresEngine (`--engine pgengine`), the same code else;
+and asyncpg alone (`--engine asyncpg-executemany`) for bulk inserts with its
+`Connection.executemany`.
 
 Run by the Rust bench binary once per workload and repetition; it prints one
 JSON line on stdout with the measured figures. Every loop is bounded in time
@@ -30,16 +32,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--workload",
         required=True,
-        choices=["point_select", "tpcb", "atomic", "empty_tx", "batch"],
+        choices=["point_select", "tpcb", "atomic", "empty_tx", "bulk_insert", "batch"],
     )
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--accounts", type=int, default=1_000_000)
     p.add_argument("--atomic-size", type=int, default=100)
+    p.add_argument("--bulk-rows", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--table", default="bench_stream")
-    p.add_argument("--engine", choices=["asyncpg", "pgengine"], default="asyncpg")
+    p.add_argument(
+        "--engine",
+        choices=["asyncpg", "pgengine", "asyncpg-executemany"],
+        default="asyncpg",
+    )
     return p.parse_args()
 
 
@@ -111,22 +118,41 @@ async def empty_tx(t: type[Table], engine, args) -> None:
         pass
 
 
+async def bulk_insert(pool, _engine, args) -> None:
+    """`bulk_rows` rows in one `executemany`: one prepared statement, a Bind/Execute
+    per row and one Sync, atomic (asyncpg >= 0.22)."""
+    async with pool.acquire() as con:
+        await con.executemany(
+            "INSERT INTO bench_bulk (a, b) VALUES ($1, $2)", args.rows
+        )
+
+
 OPS = {
     "point_select": point_select,
     "tpcb": tpcb,
     "atomic": atomic,
     "empty_tx": empty_tx,
+    "bulk_insert": bulk_insert,
 }
 
 
 async def closed_loop(args) -> dict:
     """`concurrency` tasks run the op back to back; ops that start during the
     warmup are not counted."""
-    engine = make_engine(args)
-    await engine.start_connection_pool(
-        min_size=args.concurrency, max_size=args.concurrency
-    )
-    t = make_table(engine)
+    if args.engine == "asyncpg-executemany":
+        import asyncpg
+
+        args.rows = [(i, "x") for i in range(args.bulk_rows)]
+        pool = await asyncpg.create_pool(
+            args.url, min_size=args.concurrency, max_size=args.concurrency
+        )
+        engine, t, close = None, pool, pool.close
+    else:
+        engine = make_engine(args)
+        await engine.start_connection_pool(
+            min_size=args.concurrency, max_size=args.concurrency
+        )
+        t, close = make_table(engine), engine.close_connection_pool
     op = OPS[args.workload]
     latencies: list[float] = []
     # Wall-clock span of the counted ops (the Rust side's proxy counts round
@@ -150,7 +176,7 @@ async def closed_loop(args) -> dict:
 
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     finished = time.perf_counter()
-    await engine.close_connection_pool()
+    await close()
     latencies.sort()
     n = len(latencies)
     return {

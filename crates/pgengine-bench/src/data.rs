@@ -42,6 +42,7 @@ pub async fn load(
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS bench_atomic (a int NOT NULL, b text NOT NULL);
+             CREATE TABLE IF NOT EXISTS bench_bulk (a int NOT NULL, b text NOT NULL);
              CREATE TABLE IF NOT EXISTS bench_copy (a int NOT NULL, b text NOT NULL)",
         )
         .await?;
@@ -68,11 +69,11 @@ pub async fn load(
     Ok(())
 }
 
-/// Empties the atomic workload's insert target between measurements.
-pub async fn reset_atomic(url: &str) -> Result<()> {
+/// Empties the insert targets of the atomic and bulk workloads between measurements.
+pub async fn reset_inserts(url: &str) -> Result<()> {
     tokio_pg::connect(url)
         .await?
-        .batch_execute("TRUNCATE bench_atomic")
+        .batch_execute("TRUNCATE bench_atomic, bench_bulk")
         .await?;
     Ok(())
 }

@@ -138,9 +138,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     data::load(&server.url, &server.bin_dir, plan.scale, &streams).await?;
 
-    let piccolo = if plan.systems.contains(&System::Piccolo)
-        || plan.systems.contains(&System::PiccoloPgengine)
-    {
+    let piccolo = if plan.systems.iter().any(|system| {
+        matches!(
+            system,
+            System::Piccolo | System::PiccoloPgengine | System::Asyncpg
+        )
+    }) {
         Piccolo::prepare(&out.join("venv"), !cli.quick)
             .await
             .map_err(|e| format!("{e:#}"))
@@ -160,7 +163,9 @@ async fn run(cli: Cli) -> Result<()> {
         Err("not started yet".into()),
     )
     .await?;
-    let mut outcomes = runner.run(|w| w != Workload::ReplicaReads).await;
+    let mut outcomes = runner
+        .run(|w| w != Workload::ReplicaReads && !w.durable())
+        .await;
     // The standby runs only for the workload that reads from it: streaming the other
     // workloads' writes to it would take CPU from them.
     if plan.workloads.contains(&Workload::ReplicaReads) {
@@ -170,6 +175,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         outcomes.extend(runner.run(|w| w == Workload::ReplicaReads).await);
     }
+    // The durable workloads run on a second cluster of their own, started last so
+    // that its WAL flushes do not share the disk with the other workloads.
+    let mut durable = None;
+    if plan.workloads.iter().any(|w| w.durable()) {
+        runner.durable = match Server::start_durable().await {
+            Ok(cluster) => {
+                let url = cluster.url();
+                data::load(&url, &server.bin_dir, plan.scale, &[]).await?;
+                durable = Some(cluster);
+                Ok(url)
+            }
+            Err(error) => Err(format!("{error:#}")),
+        };
+        if let Err(reason) = &runner.durable {
+            eprintln!("durable server skipped: {reason}");
+        }
+        outcomes.extend(runner.run(|w| w.durable()).await);
+    }
+    drop(durable);
 
     let report = report::Report::new(plan, info, command_line(), outcomes);
     println!("{}", report.table());

@@ -16,7 +16,7 @@ use crate::systems::piccolo::{Piccolo, PiccoloEngine};
 use crate::systems::sqlx::{self as sqlx_sys, SqlxSession};
 use crate::systems::tokio_pg::TokioPgSession;
 use crate::systems::{System, pgbench, stream};
-use crate::workloads::Workload;
+use crate::workloads::{BULK_ROWS, Workload};
 
 /// Latency the proxy adds in each direction.
 pub const PROXY_DELAY: Duration = Duration::from_millis(1);
@@ -74,6 +74,8 @@ pub struct Runner {
     pub piccolo: Result<Piccolo, String>,
     /// A hot standby of the server, or why there is none.
     pub replica: Result<String, String>,
+    /// The durable server's URL, for the durable workloads.
+    pub durable: Result<String, String>,
     proxy: DelayProxy,
     proxy_url: String,
 }
@@ -96,6 +98,7 @@ impl Runner {
             scratch,
             piccolo,
             replica,
+            durable: Err("not started yet".into()),
             proxy,
             proxy_url,
         })
@@ -115,7 +118,12 @@ impl Runner {
                     workload,
                     system,
                     samples: Vec::new(),
-                    skipped: self.skip_reason(system),
+                    skipped: self
+                        .skip_reason(system)
+                        .or_else(|| match workload.durable() {
+                            true => self.durable.as_ref().err().cloned(),
+                            false => None,
+                        }),
                     error: None,
                 })
                 .collect();
@@ -160,7 +168,7 @@ impl Runner {
             System::Pgengine | System::PgengineMultiplexed if !cfg!(feature = "pgengine") => {
                 Some("built without the `pgengine` feature".into())
             }
-            System::Piccolo => self.piccolo.as_ref().err().cloned(),
+            System::Piccolo | System::Asyncpg => self.piccolo.as_ref().err().cloned(),
             System::PiccoloPgengine => match &self.piccolo {
                 Err(reason) => Some(reason.clone()),
                 Ok(piccolo) => piccolo.pgengine.clone().err(),
@@ -190,15 +198,26 @@ impl Runner {
             return self.copy_in(system).await;
         }
         let proxied = workload == Workload::AtomicProxy;
+        let server = match workload.durable() {
+            true => self
+                .durable
+                .as_deref()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            false => self.url.as_str(),
+        };
         let (url, timing) = if proxied {
             (self.proxy_url.as_str(), self.plan.proxy_timing)
         } else {
-            (self.url.as_str(), self.plan.timing)
+            (server, self.plan.timing)
         };
-        if matches!(workload, Workload::Atomic | Workload::AtomicProxy) {
-            data::reset_atomic(&self.url).await?;
+        if matches!(workload.base(), Workload::Atomic | Workload::AtomicProxy) || workload.is_bulk()
+        {
+            data::reset_inserts(server).await?;
         }
         let (mut sample, window) = self.closed_loop(system, workload, url, timing).await?;
+        if workload.is_bulk() {
+            sample.ops *= BULK_ROWS as u64; // each operation inserts a batch
+        }
         if proxied && sample.ops > 0 {
             let window = window.context("no measured window")?;
             let trips = self.proxy.round_trips_between(window.from, window.to);
@@ -281,9 +300,10 @@ impl Runner {
                 engine.close_connection_pool().await;
                 result?
             }
-            System::Piccolo | System::PiccoloPgengine => {
+            System::Piccolo | System::PiccoloPgengine | System::Asyncpg => {
                 let engine = match system {
                     System::Piccolo => PiccoloEngine::Asyncpg,
+                    System::Asyncpg => PiccoloEngine::AsyncpgExecutemany,
                     _ => PiccoloEngine::Pgengine,
                 };
                 let accounts = self.plan.accounts();

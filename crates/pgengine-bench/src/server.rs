@@ -17,6 +17,14 @@ const SETTINGS: &[(&str, &str)] = &[
     ("work_mem", "16MB"),
 ];
 
+/// What makes the durable server durable: every commit waits for its WAL flush, as
+/// PostgreSQL's defaults have it.
+pub const DURABLE: &[(&str, &str)] = &[
+    ("fsync", "on"),
+    ("synchronous_commit", "on"),
+    ("full_page_writes", "on"),
+];
+
 /// Settings reported in BENCHMARKS.md.
 const REPORTED: &[&str] = &[
     "max_connections",
@@ -87,6 +95,20 @@ impl Server {
         let url = standby.url();
         self._replica = Some(standby);
         Ok(url)
+    }
+
+    /// Starts a second ephemeral cluster, durable ([`DURABLE`]), for the durable
+    /// workloads; it is stopped when the returned cluster is dropped.
+    pub async fn start_durable() -> Result<EphemeralCluster> {
+        tokio::task::spawn_blocking(|| {
+            SETTINGS
+                .iter()
+                .chain(DURABLE)
+                .fold(EphemeralCluster::builder(), |b, (k, v)| b.setting(*k, *v))
+                .start()
+        })
+        .await?
+        .context("could not start a durable ephemeral PostgreSQL cluster")
     }
 
     /// The server's version and the settings that matter for the figures.

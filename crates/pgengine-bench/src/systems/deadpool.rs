@@ -70,6 +70,7 @@ impl Session for DeadpoolSession {
                 tx.commit().await?;
             }
             Call::EmptyTx => client.transaction().await?.commit().await?,
+            Call::BulkInsert => anyhow::bail!("deadpool-postgres is not measured on bulk inserts"),
         }
         Ok(())
     }

@@ -31,6 +31,8 @@ pub enum System {
     Piccolo,
     /// Piccolo ORM on pgengine-piccolo's `PgenginePostgresEngine`, the same code.
     PiccoloPgengine,
+    /// asyncpg's own `executemany` (Python), for bulk inserts.
+    Asyncpg,
     /// pgbench (C, libpq): the practical ceiling.
     Pgbench,
     /// `COPY … TO STDOUT (FORMAT binary)` through tokio-postgres: the streaming ceiling.
@@ -45,7 +47,7 @@ pub enum System {
 
 impl System {
     /// Every system, in report order (pgengine first: the others are compared to it).
-    pub const ALL: [System; 11] = [
+    pub const ALL: [System; 12] = [
         System::Pgengine,
         System::PgengineMultiplexed,
         System::TokioPostgres,
@@ -53,6 +55,7 @@ impl System {
         System::Sqlx,
         System::Piccolo,
         System::PiccoloPgengine,
+        System::Asyncpg,
         System::Pgbench,
         System::Copy,
         System::PgengineReplica,
@@ -69,6 +72,7 @@ impl System {
             System::Sqlx => "sqlx",
             System::Piccolo => "piccolo (asyncpg)",
             System::PiccoloPgengine => "piccolo (pgengine)",
+            System::Asyncpg => "asyncpg executemany",
             System::Pgbench => "pgbench",
             System::Copy => "COPY binary",
             System::PgengineReplica => "pgengine, reads on the replica",
@@ -86,6 +90,13 @@ impl System {
 
     /// Whether the system can express the workload at all.
     pub fn supports(self, workload: Workload) -> bool {
+        let workload = workload.base();
+        if workload.is_bulk() {
+            return matches!(
+                self,
+                System::Pgengine | System::TokioPostgres | System::Asyncpg | System::Pgbench
+            );
+        }
         if workload == Workload::CopyIn {
             return matches!(self, System::Pgengine | System::TokioPostgres);
         }
@@ -103,11 +114,16 @@ impl System {
                 | Workload::MixedReads32
         );
         match self {
-            System::PgengineReplica | System::PgengineBoth => false,
+            System::PgengineReplica | System::PgengineBoth | System::Asyncpg => false,
             System::PgengineMultiplexed => reads,
-            System::Pgbench => reads || matches!(workload, Workload::Tpcb | Workload::EmptyTx),
+            System::Pgbench => {
+                reads
+                    || matches!(
+                        workload,
+                        Workload::Tpcb | Workload::EmptyTx | Workload::Atomic
+                    )
+            }
             System::Copy => workload.is_stream(),
-            // Python streams ten million rows too slowly for a run of minutes.
             // Python streams ten million rows too slowly for a run of minutes; the
             // multiplexing workloads compare Rust pools with pgbench.
             System::Piccolo | System::PiccoloPgengine | System::Sqlx => !matches!(

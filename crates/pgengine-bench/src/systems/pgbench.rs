@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
 use crate::measure::{Sample, Timing, percentiles};
-use crate::workloads::Workload;
+use crate::workloads::{ATOMIC_INSERTS, BULK_ROWS, Workload, sql};
 
 /// Runs `workload` with pgbench; transactions that complete during the first
 /// `timing.warmup` (after the first completion) are not counted.
@@ -34,7 +34,7 @@ pub async fn run(
         .arg(format!("--client={clients}"))
         .arg(format!("--jobs={}", clients.min(2)))
         .arg(format!("--time={}", total.as_secs().max(1)));
-    match workload {
+    match workload.base() {
         Workload::PointSelect1 | Workload::PointSelect32 | Workload::PointSelect128 => {
             command.arg("--select-only");
         }
@@ -54,6 +54,16 @@ pub async fn run(
         Workload::EmptyTx => {
             let script = logs.join("empty_tx.sql");
             std::fs::write(&script, "BEGIN;\nCOMMIT;\n")?;
+            command.arg(format!("--file={}", script.display()));
+        }
+        Workload::Atomic => {
+            let script = logs.join("atomic.sql");
+            std::fs::write(&script, pipeline_script(sql::ATOMIC_INSERT, ATOMIC_INSERTS))?;
+            command.arg(format!("--file={}", script.display()));
+        }
+        Workload::BulkInsert1 | Workload::BulkInsert10 => {
+            let script = logs.join("bulk.sql");
+            std::fs::write(&script, pipeline_script(sql::BULK_INSERT, BULK_ROWS))?;
             command.arg(format!("--file={}", script.display()));
         }
         other => bail!("pgbench cannot express {}", other.title()),
@@ -79,6 +89,20 @@ pub async fn run(
         (sample.p50_us, sample.p99_us) = (None, None);
     }
     Ok(sample)
+}
+
+/// A pgbench script that sends `BEGIN`, `count` × `insert` (with `$1, $2` as `1, 'x'`)
+/// and `COMMIT` in pipeline mode: one `Sync` for the whole transaction,
+/// libpq's `PQpipelineSync`. The ceiling for an atomic bundle or a bulk insert.
+fn pipeline_script(insert: &str, count: i32) -> String {
+    let statement = insert.replace("$1", "1").replace("$2", "'x'");
+    let mut script = String::from("\\startpipeline\nBEGIN;\n");
+    for _ in 0..count {
+        script.push_str(&statement);
+        script.push_str(";\n");
+    }
+    script.push_str("COMMIT;\n\\endpipeline\n");
+    script
 }
 
 /// Reads pgbench's per-transaction logs: `client tx latency_us script epoch_s epoch_us`.

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use anyhow::Result;
+use pgengine::types::ToSql;
 use pgengine::{Executor, PostgresEngine, sql};
 
 use crate::measure::Session;
-use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Call, RANGE_ROWS};
+use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, BULK_ROWS, Call, RANGE_ROWS, sql};
 
 /// Builds an engine with a pool of `size` connections and starts the pool.
 pub async fn engine(url: &str, size: usize) -> Result<Arc<PostgresEngine>> {
@@ -160,6 +161,15 @@ impl Session for PgengineSession {
                 atomic.run().await?;
             }
             Call::EmptyTx => engine.begin().await?.commit().await?,
+            Call::BulkInsert => {
+                let values: Vec<i32> = (0..BULK_ROWS).collect();
+                let rows: Vec<[&(dyn ToSql + Sync); 2]> =
+                    values.iter().map(|i| [i as _, &"x" as _]).collect();
+                let inserted = engine
+                    .execute_many(sql::BULK_INSERT, rows.iter().map(|row| &row[..]))
+                    .await?;
+                anyhow::ensure!(inserted == BULK_ROWS as u64, "inserted {inserted}");
+            }
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio::process::Command;
 
 use crate::measure::{Sample, Timing, Window};
-use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, Workload};
+use crate::workloads::{ATOMIC_INSERTS, BATCH_SIZE, BULK_ROWS, Workload};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/piccolo_bench.py");
 const REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/requirements.txt");
@@ -22,11 +22,13 @@ const PACKAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pgengine-py");
 /// The maturin that builds it (as `.ci/run` pins it).
 const MATURIN: &str = "maturin==1.9.6";
 
-/// Which engine Piccolo runs on.
+/// Which engine Piccolo runs on (or asyncpg alone, for its `executemany`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PiccoloEngine {
     Asyncpg,
     Pgengine,
+    /// A plain asyncpg pool, no Piccolo: `Connection.executemany`.
+    AsyncpgExecutemany,
 }
 
 /// A ready virtualenv with Piccolo and asyncpg installed, and pgengine-piccolo when it
@@ -124,19 +126,13 @@ impl Piccolo {
         accounts: i32,
         timing: Timing,
     ) -> Result<(Sample, Window)> {
-        let name = match workload {
+        let name = match workload.base() {
             Workload::PointSelect1 | Workload::PointSelect32 => "point_select",
             Workload::Tpcb => "tpcb",
             Workload::Atomic | Workload::AtomicProxy => "atomic",
             Workload::EmptyTx => "empty_tx",
-            Workload::Stream
-            | Workload::StreamBig
-            | Workload::ReplicaReads
-            | Workload::CopyIn
-            | Workload::PointSelect128
-            | Workload::MixedReads32 => {
-                bail!("not a workload Piccolo runs here")
-            }
+            Workload::BulkInsert1 | Workload::BulkInsert10 => "bulk_insert",
+            _ => bail!("not a workload Piccolo runs here"),
         };
         let out: Output = self
             .run(&[
@@ -154,6 +150,8 @@ impl Piccolo {
                 accounts.to_string(),
                 "--atomic-size".into(),
                 ATOMIC_INSERTS.to_string(),
+                "--bulk-rows".into(),
+                BULK_ROWS.to_string(),
                 "--engine".into(),
                 engine.arg().into(),
             ])
@@ -227,6 +225,7 @@ impl PiccoloEngine {
         match self {
             PiccoloEngine::Asyncpg => "asyncpg",
             PiccoloEngine::Pgengine => "pgengine",
+            PiccoloEngine::AsyncpgExecutemany => "asyncpg-executemany",
         }
     }
 }

@@ -75,6 +75,7 @@ impl Session for SqlxSession {
                 tx.commit().await?;
             }
             Call::EmptyTx => pool.begin().await?.commit().await?,
+            Call::BulkInsert => anyhow::bail!("sqlx is not measured on bulk inserts"),
         }
         Ok(())
     }

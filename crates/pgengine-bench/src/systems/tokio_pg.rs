@@ -6,7 +6,7 @@ use futures::future::try_join_all;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::measure::Session;
-use crate::workloads::{ATOMIC_INSERTS, Call, RANGE_ROWS, sql};
+use crate::workloads::{ATOMIC_INSERTS, BULK_ROWS, Call, RANGE_ROWS, sql};
 
 /// Opens a connection and drives it on its own task.
 pub async fn connect(url: &str) -> Result<Client> {
@@ -26,6 +26,7 @@ pub struct TokioPgSession {
     range_read: Statement,
     tpcb: [Statement; 5],
     insert: Statement,
+    bulk_insert: Statement,
 }
 
 impl TokioPgSession {
@@ -41,12 +42,14 @@ impl TokioPgSession {
             client.prepare(sql::TPCB_HISTORY).await?,
         ];
         let insert = client.prepare(sql::ATOMIC_INSERT).await?;
+        let bulk_insert = client.prepare(sql::BULK_INSERT).await?;
         Ok(Self {
             client,
             point_select,
             range_read,
             tpcb,
             insert,
+            bulk_insert,
         })
     }
 }
@@ -90,6 +93,17 @@ impl Session for TokioPgSession {
                 tx.commit().await?;
             }
             Call::EmptyTx => self.client.transaction().await?.commit().await?,
+            Call::BulkInsert => {
+                // Hand-pipelined as the atomic: the released driver's way (a Sync each).
+                let tx = self.client.transaction().await?;
+                let (insert, tx_ref) = (&self.bulk_insert, &tx);
+                try_join_all(
+                    (0..BULK_ROWS)
+                        .map(|i| async move { tx_ref.execute(insert, &[&i, &"x"]).await }),
+                )
+                .await?;
+                tx.commit().await?;
+            }
         }
         Ok(())
     }

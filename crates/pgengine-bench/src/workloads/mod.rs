@@ -32,11 +32,21 @@ pub enum Workload {
     /// Point selects at c=32 on the primary alone, and read through the engine's
     /// replica routing with a hot standby.
     ReplicaReads,
+    /// Inserting rows in batches of [`BULK_ROWS`] (one transaction each), one client.
+    BulkInsert1,
+    /// The same with 10 concurrent clients.
+    BulkInsert10,
+    /// [`Tpcb`](Workload::Tpcb) on a durable server (fsync, synchronous_commit on).
+    DurableTpcb,
+    /// [`Atomic`](Workload::Atomic) on a durable server.
+    DurableAtomic,
+    /// [`BulkInsert10`](Workload::BulkInsert10) on a durable server.
+    DurableBulkInsert10,
 }
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 12] = [
+    pub const ALL: [Workload; 17] = [
         Workload::PointSelect1,
         Workload::PointSelect32,
         Workload::PointSelect128,
@@ -44,12 +54,37 @@ impl Workload {
         Workload::Tpcb,
         Workload::Atomic,
         Workload::AtomicProxy,
+        Workload::BulkInsert1,
+        Workload::BulkInsert10,
         Workload::CopyIn,
         Workload::Stream,
         Workload::StreamBig,
         Workload::EmptyTx,
         Workload::ReplicaReads,
+        Workload::DurableTpcb,
+        Workload::DurableAtomic,
+        Workload::DurableBulkInsert10,
     ];
+
+    /// The workload a durable one repeats on the durable server (itself otherwise).
+    pub fn base(self) -> Workload {
+        match self {
+            Workload::DurableTpcb => Workload::Tpcb,
+            Workload::DurableAtomic => Workload::Atomic,
+            Workload::DurableBulkInsert10 => Workload::BulkInsert10,
+            other => other,
+        }
+    }
+
+    /// Whether the workload runs on the durable server.
+    pub fn durable(self) -> bool {
+        self.base() != self
+    }
+
+    /// Whether each operation inserts [`BULK_ROWS`] rows (its throughput is in rows).
+    pub fn is_bulk(self) -> bool {
+        matches!(self.base(), Workload::BulkInsert1 | Workload::BulkInsert10)
+    }
 
     /// Short machine-friendly name (JSON, chart, Piccolo script).
     pub fn id(self) -> &'static str {
@@ -66,6 +101,11 @@ impl Workload {
             Workload::StreamBig => "stream_big",
             Workload::EmptyTx => "empty_tx_c16",
             Workload::ReplicaReads => "replica_reads_c32",
+            Workload::BulkInsert1 => "bulk_insert_c1",
+            Workload::BulkInsert10 => "bulk_insert_c10",
+            Workload::DurableTpcb => "durable_tpcb_c16",
+            Workload::DurableAtomic => "durable_atomic_100",
+            Workload::DurableBulkInsert10 => "durable_bulk_insert_c10",
         }
     }
 
@@ -86,12 +126,18 @@ impl Workload {
             Workload::StreamBig => "4. batch streaming, big table",
             Workload::EmptyTx => "5. empty transaction, c=16",
             Workload::ReplicaReads => "6. point select, c=32, with a read replica",
+            Workload::BulkInsert1 => "3. bulk insert, 1,000-row batches, c=1",
+            Workload::BulkInsert10 => "3. bulk insert, 1,000-row batches, c=10",
+            Workload::DurableTpcb => "7. durable server: TPC-B-like transaction, c=16",
+            Workload::DurableAtomic => "7. durable server: atomic of 100 inserts",
+            Workload::DurableBulkInsert10 => "7. durable server: bulk insert, c=10",
         }
     }
 
     /// Concurrent clients.
     pub fn concurrency(self) -> usize {
-        match self {
+        match self.base() {
+            Workload::BulkInsert10 => 10,
             Workload::PointSelect128 => 128,
             Workload::PointSelect32 | Workload::MixedReads32 | Workload::ReplicaReads => 32,
             Workload::Tpcb | Workload::EmptyTx => 16,
@@ -101,7 +147,7 @@ impl Workload {
 
     /// What one unit of throughput is.
     pub fn unit(self) -> &'static str {
-        match self {
+        match self.base() {
             Workload::PointSelect1
             | Workload::PointSelect32
             | Workload::PointSelect128
@@ -109,7 +155,12 @@ impl Workload {
             | Workload::ReplicaReads => "queries/s",
             Workload::Tpcb | Workload::EmptyTx => "tx/s",
             Workload::Atomic | Workload::AtomicProxy => "atomics/s",
-            Workload::Stream | Workload::StreamBig | Workload::CopyIn => "rows/s",
+            Workload::Stream
+            | Workload::StreamBig
+            | Workload::CopyIn
+            | Workload::BulkInsert1
+            | Workload::BulkInsert10 => "rows/s",
+            durable => durable.base().unit(),
         }
     }
 
@@ -120,7 +171,7 @@ impl Workload {
 
     /// The operation of a closed-loop workload (`None` for streaming).
     pub fn op(self, accounts: i32) -> Option<Op> {
-        match self {
+        match self.base() {
             Workload::PointSelect1
             | Workload::PointSelect32
             | Workload::PointSelect128
@@ -129,13 +180,17 @@ impl Workload {
             Workload::Tpcb => Some(Op::Tpcb { accounts }),
             Workload::Atomic | Workload::AtomicProxy => Some(Op::Atomic),
             Workload::EmptyTx => Some(Op::EmptyTx),
+            Workload::BulkInsert1 | Workload::BulkInsert10 => Some(Op::BulkInsert),
             Workload::Stream | Workload::StreamBig | Workload::CopyIn => None,
+            durable => durable.base().op(accounts),
         }
     }
 }
 
 /// Inserts per atomic.
 pub const ATOMIC_INSERTS: i32 = 100;
+/// Rows per bulk-insert batch.
+pub const BULK_ROWS: i32 = 1000;
 /// Rows of a range read.
 pub const RANGE_ROWS: i32 = 100;
 /// Rows per batch when streaming.
@@ -156,6 +211,7 @@ pub enum Op {
     },
     Atomic,
     EmptyTx,
+    BulkInsert,
 }
 
 impl Op {
@@ -182,6 +238,7 @@ impl Op {
             }
             Op::Atomic => Call::Atomic,
             Op::EmptyTx => Call::EmptyTx,
+            Op::BulkInsert => Call::BulkInsert,
         }
     }
 }
@@ -199,6 +256,8 @@ pub enum Call {
     Tpcb(Tpcb),
     Atomic,
     EmptyTx,
+    /// [`BULK_ROWS`] rows `(i, 'x')` into `bench_bulk`, in one transaction.
+    BulkInsert,
 }
 
 /// Arguments of one TPC-B-like transaction.
@@ -225,6 +284,7 @@ pub mod sql {
     pub const TPCB_HISTORY: &str = "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
          VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)";
     pub const ATOMIC_INSERT: &str = "INSERT INTO bench_atomic (a, b) VALUES ($1, $2)";
+    pub const BULK_INSERT: &str = "INSERT INTO bench_bulk (a, b) VALUES ($1, $2)";
     /// The streamed query; `{table}` is the table name.
     pub fn stream(table: &str) -> String {
         format!("SELECT id, label, created, amount FROM {table}")

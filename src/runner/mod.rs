@@ -383,17 +383,26 @@ impl Runner {
     /// from the cache either way; it is run again only once, and never inside a
     /// transaction (which the error aborted).
     fn retry_stale(&self, sql: &str, error: &Error, retried: &mut bool) -> bool {
+        if !self.forget_if_stale(sql, error) {
+            return false;
+        }
+        let again = !*retried && self.transaction.is_none();
+        *retried = true;
+        again
+    }
+
+    /// Drops `sql` from the statement cache when `error` says its prepared statement
+    /// outlived its table's shape (SQLSTATE 0A000, "cached plan must not change result
+    /// type"); whether it did.
+    fn forget_if_stale(&self, sql: &str, error: &Error) -> bool {
         let stale = error.database_error().is_some_and(|db| {
             db.code == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED.code()
                 && db.message.contains("cached plan")
         });
-        if !stale {
-            return false;
+        if stale {
+            self.connection().forget_statement(sql);
         }
-        self.connection().forget_statement(sql);
-        let again = !*retried && self.transaction.is_none();
-        *retried = true;
-        again
+        stale
     }
 
     /// One statement without parameters (a cursor's `DECLARE` or `FETCH`) over the

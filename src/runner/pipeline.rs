@@ -257,7 +257,10 @@ async fn run_synced(
                 .and_then(|index| index.checked_sub(bracket))
                 .filter(|index| *index < bound.len());
             let error = match statement {
-                Some(index) => error.with_statement(index, bound[index].sql),
+                Some(index) => {
+                    runner.forget_if_stale(bound[index].sql, &error);
+                    error.with_statement(index, bound[index].sql)
+                }
                 None => error,
             };
             if let Some(watch) = index.and_then(|index| watched.get_mut(index)?.take()) {

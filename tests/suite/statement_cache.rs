@@ -115,3 +115,32 @@ async fn ddl_run_elsewhere_needs_clear_statement_cache() {
     engine.clear_statement_cache();
     assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [3, 3]);
 }
+
+/// A bundle sent as one pipeline whose cached statement went stale (DDL run
+/// elsewhere) fails once, naming it, and drops it from the cache: the next bundle
+/// prepares it afresh and succeeds.
+#[tokio::test]
+async fn a_stale_statement_in_a_bundle_fails_once_then_is_prepared_afresh() {
+    let (db, engine) = crate::common::engine_with(1).await;
+    engine
+        .run_ddl("CREATE TABLE band (name text); INSERT INTO band VALUES ('a')")
+        .await
+        .unwrap();
+    let bundle = || {
+        vec![
+            sql!("INSERT INTO band VALUES ({})", "b"),
+            sql!("SELECT * FROM band WHERE name <> {}", "z"),
+        ]
+    };
+    assert_eq!(engine.fetch(bundle()).await.unwrap().len(), 2);
+    let elsewhere = db.connect().await.unwrap();
+    elsewhere
+        .batch_execute("ALTER TABLE band ADD COLUMN elsewhere int")
+        .await
+        .unwrap();
+    let stale = engine.fetch(bundle()).await.unwrap_err();
+    assert_eq!(stale.code(), Some("0A000"), "{stale}");
+    assert_eq!(stale.statement().map(|failed| failed.index), Some(1));
+    let rows = engine.fetch(bundle()).await.unwrap();
+    assert_eq!((rows.len(), rows[0].columns().len()), (3, 2));
+}

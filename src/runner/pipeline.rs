@@ -110,6 +110,7 @@ struct Bound<'q> {
     form: Form<'q>,
 }
 
+/// How a [`Bound`] statement is sent.
 enum Form<'q> {
     /// From the statement cache.
     Prepared(Statement),

@@ -19,6 +19,8 @@ use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Config};
 
 use crate::cancel::ServerAddress;
+use crate::counters::Counters;
+use crate::lifecycle::{self, Lifecycle};
 use crate::tls::Tls;
 
 /// The engine's pool of sessions.
@@ -27,8 +29,6 @@ pub(crate) type Pool = managed::Pool<ServerConnector>;
 pub(crate) type Object = managed::Object<ServerConnector>;
 /// A hook run on the pool's sessions.
 pub(crate) type Hook = managed::Hook<ServerConnector>;
-/// A [`Pool`] that does not keep it open.
-pub(crate) type WeakPool = managed::WeakPool<ServerConnector>;
 
 /// The kind of server each connection must reach, beyond what the driver checks
 /// (libpq's `target_session_attrs=primary | standby | prefer-standby`).
@@ -99,6 +99,10 @@ pub(crate) struct ServerConnector {
     /// With several hosts: one configuration per host, in the order given.
     hosts: Vec<(Config, Option<Arc<ServerAddress>>)>,
     shuffle: bool,
+    /// The checks before an idle session is reused (see [`lifecycle::recycle`]).
+    lifecycle: Arc<Lifecycle>,
+    /// The pool's counters, which count the sessions those checks close.
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for ServerConnector {
@@ -112,8 +116,17 @@ impl std::fmt::Debug for ServerConnector {
 
 impl ServerConnector {
     /// The connector for `pg`, over `tls`, to a server of `role`; `hosts` are `pg`'s
-    /// hosts each alone (empty with one host and no role to check).
-    pub(crate) fn new(pg: Config, tls: Tls, role: ServerRole, hosts: &[Config]) -> Self {
+    /// hosts each alone (empty with one host and no role to check). An idle session is
+    /// checked as `lifecycle` says before it is reused, and one closed is counted in
+    /// `counters`.
+    pub(crate) fn new(
+        pg: Config,
+        tls: Tls,
+        role: ServerRole,
+        hosts: &[Config],
+        lifecycle: Arc<Lifecycle>,
+        counters: Arc<Counters>,
+    ) -> Self {
         let hosts = hosts
             .iter()
             .map(|host| (host.clone(), ServerAddress::of(host).map(Arc::new)))
@@ -125,6 +138,8 @@ impl ServerConnector {
             server: ServerAddress::of(&pg).map(Arc::new),
             pg,
             hosts,
+            lifecycle,
+            counters,
         }
     }
 
@@ -214,13 +229,16 @@ impl managed::Manager for ServerConnector {
         }
     }
 
-    /// A session the server closed is not reused; the engine's own checks run in the
-    /// pool's `pre_recycle` hook (see [`lifecycle`](crate::lifecycle)).
+    /// Before an idle session is reused: the engine's checks (age, health, session
+    /// reset: see [`lifecycle::recycle`]), then a session the server closed is not
+    /// reused. (Run here rather than in a `pre_recycle` hook: no boxed future and no
+    /// clones per checkout.)
     async fn recycle(
         &self,
         session: &mut Session,
-        _: &Metrics,
+        metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
+        lifecycle::recycle(session, metrics, &self.lifecycle, &self.counters).await?;
         if session.is_closed() {
             return Err(RecycleError::message("the server closed the connection"));
         }

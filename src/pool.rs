@@ -47,24 +47,22 @@ impl ConnectionPool {
             settings.connect_timeout,
             settings.tls.connector.clone(),
         ));
+        let counters = Arc::new(Counters::new(name));
+        let life = Arc::new(settings.lifecycle.clone());
         let manager = ServerConnector::new(
             pg,
             settings.tls.clone(),
             settings.server_role,
             &settings.hosts_in_order,
+            life.clone(),
+            counters.clone(),
         );
-        let counters = Arc::new(Counters::new(name));
-        let life = Arc::new(settings.lifecycle.clone());
         let pool = Pool::builder(manager)
             .max_size(settings.max_connections)
             .wait_timeout(settings.pool_wait_timeout)
             .create_timeout(Some(settings.connect_timeout))
             .runtime(Runtime::Tokio1)
             .post_create(Hook::async_fn(lifecycle::post_create(
-                life.clone(),
-                counters.clone(),
-            )))
-            .pre_recycle(Hook::async_fn(lifecycle::pre_recycle(
                 life.clone(),
                 counters.clone(),
             )))

@@ -21,6 +21,7 @@ use tokio_postgres::{Client, Config};
 use crate::cancel::ServerAddress;
 use crate::counters::Counters;
 use crate::lifecycle::{self, Lifecycle};
+use crate::statements::Recency;
 use crate::tls::Tls;
 
 /// The engine's pool of sessions.
@@ -57,16 +58,41 @@ impl ServerRole {
     }
 }
 
-/// One pooled session: the driver's client (with its statement cache) and the server
-/// it reached.
-#[derive(Debug)]
+/// One pooled session: the driver's client, the statements prepared on it (the
+/// engine's statement cache) and the server it reached.
 pub(crate) struct Session {
     client: ClientWrapper,
     /// Shared with the connector (boxed: a pooled session is moved on every checkout).
     server: Option<Arc<ServerAddress>>,
+    /// Lives as long as the session (its statements are closed with it).
+    statements: Arc<Recency>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &self.client)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
+    /// A new session on `client`, reaching `server`, with no statement prepared.
+    fn new(client: ClientWrapper, server: Option<Arc<ServerAddress>>) -> Self {
+        Self {
+            client,
+            server,
+            statements: Arc::default(),
+        }
+    }
+
+    /// The statements prepared on this session (see
+    /// [`StatementCache`](crate::statements::StatementCache)).
+    pub(crate) fn statements(&self) -> &Arc<Recency> {
+        &self.statements
+    }
+
     /// Where this session's server takes cancel requests; `None` when it is not known
     /// (a host name's or `hostaddr`'s address list the driver chose from).
     pub(crate) fn server(&self) -> Option<&ServerAddress> {
@@ -153,10 +179,9 @@ impl ServerConnector {
         let mut fallback: Option<Session> = None;
         for (host, server) in order {
             let session = match self.tls.connect(host).await {
-                Ok((client, task)) => Session {
-                    client: ClientWrapper::new(client, task),
-                    server: server.clone(),
-                },
+                Ok((client, task)) => {
+                    Session::new(ClientWrapper::new(client, task), server.clone())
+                }
                 Err(error) => {
                     last_error = Some(error);
                     continue;
@@ -192,10 +217,10 @@ impl ServerConnector {
     /// A session on the configuration's one server.
     async fn connect_one(&self) -> Result<Session, tokio_postgres::Error> {
         let (client, task) = self.tls.connect(&self.pg).await?;
-        Ok(Session {
-            client: ClientWrapper::new(client, task),
-            server: self.server.clone(),
-        })
+        Ok(Session::new(
+            ClientWrapper::new(client, task),
+            self.server.clone(),
+        ))
     }
 }
 
@@ -232,13 +257,16 @@ impl managed::Manager for ServerConnector {
     /// Before an idle session is reused: the engine's checks (age, health, session
     /// reset: see [`lifecycle::recycle`]), then a session the server closed is not
     /// reused. (Run here rather than in a `pre_recycle` hook: no boxed future and no
-    /// clones per checkout.)
+    /// clones per checkout, unless a check has a request to send.)
     async fn recycle(
         &self,
         session: &mut Session,
         metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
-        lifecycle::recycle(session, metrics, &self.lifecycle, &self.counters).await?;
+        if let Some(check) = lifecycle::recycle(session, metrics, &self.lifecycle, &self.counters)?
+        {
+            check.await?;
+        }
         if session.is_closed() {
             return Err(RecycleError::message("the server closed the connection"));
         }

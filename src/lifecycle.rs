@@ -143,15 +143,17 @@ where
 
 /// The checks before an idle connection is handed out again (run by the pool's
 /// manager, [`ServerConnector`](crate::connect::ServerConnector), when it recycles
-/// one): a connection older than `max_lifetime` is closed; one not taken for longer
-/// than `health_check_after` must answer an empty query first; the session reset runs.
-/// An error means the connection is closed (and the reason counted).
-pub(crate) async fn recycle(
-    client: &tokio_postgres::Client,
+/// one): a connection older than `max_lifetime` is closed (an error); one not taken for
+/// longer than `health_check_after` must answer an empty query first, and the session
+/// reset runs: those are the returned request, to be awaited (an error closes the
+/// connection, its reason counted). Usually there is none, and nothing is allocated:
+/// the request is boxed, so that the pool's future stays small.
+pub(crate) fn recycle<'a>(
+    client: &'a tokio_postgres::Client,
     metrics: &Metrics,
-    lifecycle: &Lifecycle,
-    counters: &Counters,
-) -> Result<(), RecycleError<tokio_postgres::Error>> {
+    lifecycle: &'a Lifecycle,
+    counters: &'a Counters,
+) -> Result<Option<RecycleCheck<'a>>, RecycleError<tokio_postgres::Error>> {
     if lifecycle
         .max_lifetime
         .is_some_and(|max| metrics.age() >= max)
@@ -163,19 +165,24 @@ pub(crate) async fn recycle(
     let check = lifecycle
         .health_check_after
         .is_some_and(|after| metrics.last_used() >= after);
-    if check
-        && !reset
-        && let Err(error) = client.simple_query("").await
-    {
-        counters.add(Counter::ClosedUnhealthy, 1);
-        return Err(RecycleError::Backend(error));
+    if !reset && !check {
+        return Ok(None);
     }
-    if reset && let Err(error) = reset_session(client, lifecycle).await {
-        counters.add(Counter::ClosedUnhealthy, 1);
-        return Err(RecycleError::Backend(error));
-    }
-    Ok(())
+    Ok(Some(Box::pin(async move {
+        let result = match reset {
+            true => reset_session(client, lifecycle).await,
+            false => client.simple_query("").await.map(drop),
+        };
+        result.map_err(|error| {
+            counters.add(Counter::ClosedUnhealthy, 1);
+            RecycleError::Backend(error)
+        })
+    })))
 }
+
+/// The request [`recycle`] asks for before a connection is reused.
+pub(crate) type RecycleCheck<'a> =
+    Pin<Box<dyn Future<Output = Result<(), RecycleError<tokio_postgres::Error>>> + Send + 'a>>;
 
 /// Resets the session on `client` as [`SessionReset::DiscardAll`] does, then runs the
 /// after-connect hook again, so that its settings hold.

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{PoolError, Runtime, Status, TimeoutType, Timeouts};
@@ -24,14 +24,16 @@ use crate::connect::{Hook, Object, Pool, ServerConnector};
 use crate::counters::{Counter, Counters};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle;
-use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
+use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, StatementCache};
 
 /// The pool of one engine, and how to cancel a request on its connections.
 pub(crate) struct ConnectionPool {
     pool: Pool,
     canceller: Arc<Canceller>,
     statement_cache_capacity: usize,
-    recency: Arc<RecencyTable>,
+    /// Bumped whenever the schema may have changed: the statements of every connection
+    /// of the pool are then prepared again at their next use.
+    schema_epoch: Arc<AtomicU64>,
     counters: Arc<Counters>,
 }
 
@@ -85,14 +87,14 @@ impl ConnectionPool {
             statement_cache_capacity: settings
                 .statement_cache_capacity
                 .unwrap_or(DEFAULT_STATEMENT_CACHE_CAPACITY),
-            recency: Arc::default(),
+            schema_epoch: Arc::default(),
         })
     }
 
     /// The schema may have changed where the engine cannot see it: every statement
     /// cache of the pool is renewed.
     pub(crate) fn forget_statements(&self) {
-        self.recency.schema_changed();
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Takes a connection, waiting at most the pool's wait timeout.
@@ -133,9 +135,8 @@ impl ConnectionPool {
         Connection {
             statements: StatementCache::new(
                 self.statement_cache_capacity,
-                self.recency
-                    .of(Object::id(&object), &object.statement_cache),
-                self.recency.schema_epoch(),
+                object.statements().clone(),
+                self.schema_epoch.clone(),
             ),
             counters: self.counters.clone(),
             object: Some(object),

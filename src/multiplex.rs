@@ -367,7 +367,8 @@ impl Multiplexer {
         let chosen = match (best, vacant) {
             (Some((0, shared)), _) | (Some((_, shared)), None) => Some(Ok(shared)),
             // Every connection is busy or missing: spread the load onto a new one.
-            (best, Some(index)) => match (self.open(index, pool).await, best) {
+            // (Boxed: opening is rare, and its future would make every query's larger.)
+            (best, Some(index)) => match (Box::pin(self.open(index, pool)).await, best) {
                 (Some(Ok(opened)), _) => Some(Ok(opened)),
                 // Opening failed, or another caller is opening it: the best one open.
                 (_, Some((_, shared))) => Some(Ok(shared)),

@@ -107,16 +107,21 @@ impl ConnectionPool {
             ..pool.timeouts()
         };
         let object = match pool.timeout_get(&at_once).await {
-            Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                let started = std::time::Instant::now();
-                let waited = pool.get().await;
-                let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
-                self.counters.waited(started.elapsed(), timed_out);
-                waited?
-            }
+            // Boxed: the usual path's future stays small (it is moved whole up the
+            // caller's futures).
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Box::pin(self.wait()).await?,
             taken => taken?,
         };
         Ok(self.wrap(object))
+    }
+
+    /// Waits for a connection (every one is busy), at most the pool's wait timeout.
+    async fn wait(&self) -> std::result::Result<Object, PoolError> {
+        let started = std::time::Instant::now();
+        let waited = self.pool.get().await;
+        let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
+        self.counters.waited(started.elapsed(), timed_out);
+        waited
     }
 
     /// Takes an idle connection or opens a new one, without waiting for a busy one: a

@@ -206,7 +206,7 @@ impl QueryString {
     /// ```
     pub fn compile(&self) -> Result<CompiledQuery<'_>> {
         if let Some(sql) = self.precompiled {
-            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
             if let Some(params) = values {
                 return Ok(CompiledQuery {
                     sql: Cow::Borrowed(sql),
@@ -216,7 +216,7 @@ impl QueryString {
         }
         if self.raw && !self.args.is_empty() {
             // Positional: the SQL already numbers its parameters.
-            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
             return match values {
                 Some(params) => Ok(CompiledQuery {
                     sql: Cow::Borrowed(&self.template),
@@ -231,11 +231,11 @@ impl QueryString {
         if self.args.is_empty() && (self.raw || !braces()) {
             return Ok(CompiledQuery {
                 sql: Cow::Borrowed(&self.template),
-                params: Vec::new(),
+                params: Params::new(),
             });
         }
         let mut sql = String::with_capacity(self.template.len() + 8);
-        let mut params = Vec::with_capacity(self.args.len());
+        let mut params = Params::with_capacity(self.args.len());
         self.compile_into(&mut sql, &mut params)?;
         Ok(CompiledQuery {
             sql: Cow::Owned(sql),
@@ -246,11 +246,7 @@ impl QueryString {
     /// Appends this query's SQL and parameters, nested queries spliced in. A loop with
     /// the enclosing queries on a list (allocated only when there is nesting), not
     /// recursion: any depth fits any thread.
-    fn compile_into<'a>(
-        &'a self,
-        sql: &mut String,
-        params: &mut Vec<&'a (dyn ToSql + Sync)>,
-    ) -> Result<()> {
+    fn compile_into<'a>(&'a self, sql: &mut String, params: &mut Params<'a>) -> Result<()> {
         let Some(mut current) = Splice::start(self, sql)? else {
             return Ok(());
         };
@@ -436,8 +432,12 @@ impl fmt::Display for QueryString {
 /// ```
 pub struct CompiledQuery<'a> {
     sql: Cow<'a, str>,
-    params: Vec<&'a (dyn ToSql + Sync)>,
+    params: Params<'a>,
 }
+
+/// A compiled statement's parameters: up to four inline (most statements have few), so
+/// compiling one allocates nothing more than its SQL.
+type Params<'a> = smallvec::SmallVec<[&'a (dyn ToSql + Sync); 4]>;
 
 impl fmt::Debug for CompiledQuery<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -120,7 +120,8 @@ impl StatementCache {
         if let Some(statement) = self.recency.get(sql, epoch) {
             return Ok(statement);
         }
-        let statement = client.prepare(sql).await?;
+        // Boxed: a miss is rare, and its request would make every query's future larger.
+        let statement = Box::pin(client.prepare(sql)).await?;
         self.recency.insert(sql, statement.clone(), self.capacity);
         Ok(statement)
     }

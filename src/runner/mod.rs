@@ -375,7 +375,11 @@ impl Runner {
     /// would copy it whole each time.)
     async fn prepared<A: Answer>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<A> {
         let result = async {
-            let _permit = self.admit().await?;
+            // (Inline, not `admit`: no nested future on the hot path outside a transaction.)
+            let _permit = match &self.transaction {
+                Some(transaction) => Some(transaction.admit().await?),
+                None => None,
+            };
             let watch = self.context.log.watch(sql, params, self.span());
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
@@ -413,7 +417,10 @@ impl Runner {
             // one turn, so no later request overtakes it.
             // (The turn is held across the prepare round trip; `sent_in_turn` gives it
             // up once the request itself is on the wire.)
-            let turn = self.turn().await;
+            let turn = match &self.transaction {
+                Some(transaction) => Some(transaction.turn().await),
+                None => None,
+            };
             let statement = match connection.caches_statements() {
                 true => Some(connection.statement(sql).await),
                 false => None,

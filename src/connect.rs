@@ -19,6 +19,9 @@ use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Config};
 
 use crate::cancel::ServerAddress;
+use crate::counters::Counters;
+use crate::lifecycle::{self, Lifecycle};
+use crate::statements::Recency;
 use crate::tls::Tls;
 
 /// The engine's pool of sessions.
@@ -27,8 +30,6 @@ pub(crate) type Pool = managed::Pool<ServerConnector>;
 pub(crate) type Object = managed::Object<ServerConnector>;
 /// A hook run on the pool's sessions.
 pub(crate) type Hook = managed::Hook<ServerConnector>;
-/// A [`Pool`] that does not keep it open.
-pub(crate) type WeakPool = managed::WeakPool<ServerConnector>;
 
 /// The kind of server each connection must reach, beyond what the driver checks
 /// (libpq's `target_session_attrs=primary | standby | prefer-standby`).
@@ -57,16 +58,41 @@ impl ServerRole {
     }
 }
 
-/// One pooled session: the driver's client (with its statement cache) and the server
-/// it reached.
-#[derive(Debug)]
+/// One pooled session: the driver's client, the statements prepared on it (the
+/// engine's statement cache) and the server it reached.
 pub(crate) struct Session {
     client: ClientWrapper,
     /// Shared with the connector (boxed: a pooled session is moved on every checkout).
     server: Option<Arc<ServerAddress>>,
+    /// Lives as long as the session (its statements are closed with it).
+    statements: Arc<Recency>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &self.client)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
+    /// A new session on `client`, reaching `server`, with no statement prepared.
+    fn new(client: ClientWrapper, server: Option<Arc<ServerAddress>>) -> Self {
+        Self {
+            client,
+            server,
+            statements: Arc::default(),
+        }
+    }
+
+    /// The statements prepared on this session (see
+    /// [`StatementCache`](crate::statements::StatementCache)).
+    pub(crate) fn statements(&self) -> &Arc<Recency> {
+        &self.statements
+    }
+
     /// Where this session's server takes cancel requests; `None` when it is not known
     /// (a host name's or `hostaddr`'s address list the driver chose from).
     pub(crate) fn server(&self) -> Option<&ServerAddress> {
@@ -99,6 +125,10 @@ pub(crate) struct ServerConnector {
     /// With several hosts: one configuration per host, in the order given.
     hosts: Vec<(Config, Option<Arc<ServerAddress>>)>,
     shuffle: bool,
+    /// The checks before an idle session is reused (see [`lifecycle::recycle`]).
+    lifecycle: Arc<Lifecycle>,
+    /// The pool's counters, which count the sessions those checks close.
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for ServerConnector {
@@ -112,8 +142,17 @@ impl std::fmt::Debug for ServerConnector {
 
 impl ServerConnector {
     /// The connector for `pg`, over `tls`, to a server of `role`; `hosts` are `pg`'s
-    /// hosts each alone (empty with one host and no role to check).
-    pub(crate) fn new(pg: Config, tls: Tls, role: ServerRole, hosts: &[Config]) -> Self {
+    /// hosts each alone (empty with one host and no role to check). An idle session is
+    /// checked as `lifecycle` says before it is reused, and one closed is counted in
+    /// `counters`.
+    pub(crate) fn new(
+        pg: Config,
+        tls: Tls,
+        role: ServerRole,
+        hosts: &[Config],
+        lifecycle: Arc<Lifecycle>,
+        counters: Arc<Counters>,
+    ) -> Self {
         let hosts = hosts
             .iter()
             .map(|host| (host.clone(), ServerAddress::of(host).map(Arc::new)))
@@ -125,6 +164,8 @@ impl ServerConnector {
             server: ServerAddress::of(&pg).map(Arc::new),
             pg,
             hosts,
+            lifecycle,
+            counters,
         }
     }
 
@@ -138,10 +179,9 @@ impl ServerConnector {
         let mut fallback: Option<Session> = None;
         for (host, server) in order {
             let session = match self.tls.connect(host).await {
-                Ok((client, task)) => Session {
-                    client: ClientWrapper::new(client, task),
-                    server: server.clone(),
-                },
+                Ok((client, task)) => {
+                    Session::new(ClientWrapper::new(client, task), server.clone())
+                }
                 Err(error) => {
                     last_error = Some(error);
                     continue;
@@ -177,10 +217,10 @@ impl ServerConnector {
     /// A session on the configuration's one server.
     async fn connect_one(&self) -> Result<Session, tokio_postgres::Error> {
         let (client, task) = self.tls.connect(&self.pg).await?;
-        Ok(Session {
-            client: ClientWrapper::new(client, task),
-            server: self.server.clone(),
-        })
+        Ok(Session::new(
+            ClientWrapper::new(client, task),
+            self.server.clone(),
+        ))
     }
 }
 
@@ -214,13 +254,19 @@ impl managed::Manager for ServerConnector {
         }
     }
 
-    /// A session the server closed is not reused; the engine's own checks run in the
-    /// pool's `pre_recycle` hook (see [`lifecycle`](crate::lifecycle)).
+    /// Before an idle session is reused: the engine's checks (age, health, session
+    /// reset: see [`lifecycle::recycle`]), then a session the server closed is not
+    /// reused. (Run here rather than in a `pre_recycle` hook: no boxed future and no
+    /// clones per checkout, unless a check has a request to send.)
     async fn recycle(
         &self,
         session: &mut Session,
-        _: &Metrics,
+        metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
+        if let Some(check) = lifecycle::recycle(session, metrics, &self.lifecycle, &self.counters)?
+        {
+            check.await?;
+        }
         if session.is_closed() {
             return Err(RecycleError::message("the server closed the connection"));
         }

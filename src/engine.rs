@@ -575,13 +575,16 @@ impl sealed::Sealed for PostgresEngine {
         ambient::runner(&self.context).await
     }
 
-    async fn runner_for(&self, statements: &[CompiledQuery<'_>]) -> Result<Runner> {
-        match statements {
-            [one] if !self.exclusive => {
-                ambient::runner_for_statement(&self.context, one.sql()).await
-            }
-            _ => ambient::runner(&self.context).await,
-        }
+    fn runner_for(
+        &self,
+        statements: &[CompiledQuery<'_>],
+    ) -> impl Future<Output = Result<Runner>> + Send {
+        // The ambient module's future itself, not one wrapping it: every query waits on it.
+        let shareable = match statements {
+            [one] if !self.exclusive => Some(one.sql()),
+            _ => None,
+        };
+        ambient::runner_for_statement(&self.context, shareable)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::copy_out::{CopyOut, CopyOutRows};
 use crate::error::{Error, ErrorKind, Result};
 use crate::from_row::FromRow;
 use crate::query::{Query, QueryString};
-use crate::runner::compile_all;
+use crate::runner::{FirstRow, compile_all};
 
 pub(crate) mod sealed {
     use crate::error::Result;
@@ -88,9 +88,9 @@ pub trait Executor: sealed::Sealed + Sync {
     /// ```
     fn fetch_one<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Row>> + Send {
         async move {
-            let mut rows = self.fetch(query).await?;
-            match rows.len() {
-                1 => Ok(rows.pop().expect("one row")),
+            let first = fetch_first(self, query).await?;
+            match first.count {
+                1 => Ok(first.row.expect("one row")),
                 0 => Err(Error::new(
                     ErrorKind::RowNotFound,
                     "fetch_one expected exactly one row, the query returned none",
@@ -117,9 +117,9 @@ pub trait Executor: sealed::Sealed + Sync {
         query: Q,
     ) -> impl Future<Output = Result<Option<Row>>> + Send {
         async move {
-            let mut rows = self.fetch(query).await?;
-            match rows.len() {
-                0 | 1 => Ok(rows.pop()),
+            let first = fetch_first(self, query).await?;
+            match first.count {
+                0 | 1 => Ok(first.row),
                 n => Err(Error::new(
                     ErrorKind::TooManyRows,
                     format!("fetch_optional expected at most one row, the query returned {n}"),
@@ -419,4 +419,16 @@ pub trait Executor: sealed::Sealed + Sync {
     ) -> impl Future<Output = Result<Vec<Row>>> + Send {
         self.fetch(querystring)
     }
+}
+
+/// Runs the query for its first row and its count of rows, as
+/// [`fetch`](Executor::fetch) would (see [`FirstRow`]).
+async fn fetch_first<E: Executor + ?Sized, Q: Query>(executor: &E, query: Q) -> Result<FirstRow> {
+    let statements = query.into_statements();
+    let compiled = compile_all(&statements)?;
+    executor
+        .runner_for(&compiled)
+        .await?
+        .fetch_first(&compiled)
+        .await
 }

@@ -4,13 +4,14 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{HookError, Metrics};
+use deadpool::managed::{self, RecycleError};
+use deadpool_postgres::{ClientWrapper, HookError, Metrics};
 
-use crate::connect::{Session, WeakPool};
 use crate::counters::{Counter, Counters};
 
 /// What is reset on a pooled connection before it is handed out again.
@@ -110,10 +111,15 @@ impl Default for Lifecycle {
 type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>>;
 
 /// The `post_create` hook: counts the connection and runs the after-connect hook.
-pub(crate) fn post_create(
+/// (Generic over the pool's session type, which lives in [`connect`](crate::connect):
+/// that module uses this one.)
+pub(crate) fn post_create<S>(
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,
-) -> impl for<'a> Fn(&'a mut Session, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
+) -> impl for<'a> Fn(&'a mut S, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static
+where
+    S: Deref<Target = ClientWrapper> + Send + Sync,
+{
     move |client, _metrics| {
         let lifecycle = lifecycle.clone();
         let counters = counters.clone();
@@ -135,43 +141,48 @@ pub(crate) fn post_create(
     }
 }
 
-/// The `pre_recycle` hook, before an idle connection is handed out again: a connection
-/// older than `max_lifetime` is closed; one not taken for longer than
-/// `health_check_after` must answer an empty query first; the session reset runs.
-pub(crate) fn pre_recycle(
-    lifecycle: Arc<Lifecycle>,
-    counters: Arc<Counters>,
-) -> impl for<'a> Fn(&'a mut Session, &'a Metrics) -> HookFuture<'a> + Send + Sync + 'static {
-    move |client, metrics| {
-        let lifecycle = lifecycle.clone();
-        let counters = counters.clone();
-        Box::pin(async move {
-            if lifecycle
-                .max_lifetime
-                .is_some_and(|max| metrics.age() >= max)
-            {
-                counters.add(Counter::ClosedMaxLifetime, 1);
-                return Err(HookError::message("the connection reached max_lifetime"));
-            }
-            let reset = lifecycle.session_reset == SessionReset::DiscardAll;
-            let check = lifecycle
-                .health_check_after
-                .is_some_and(|after| metrics.last_used() >= after);
-            if check
-                && !reset
-                && let Err(error) = client.simple_query("").await
-            {
-                counters.add(Counter::ClosedUnhealthy, 1);
-                return Err(HookError::Backend(error));
-            }
-            if reset && let Err(error) = reset_session(client, &lifecycle).await {
-                counters.add(Counter::ClosedUnhealthy, 1);
-                return Err(HookError::Backend(error));
-            }
-            Ok(())
-        })
+/// The checks before an idle connection is handed out again (run by the pool's
+/// manager, [`ServerConnector`](crate::connect::ServerConnector), when it recycles
+/// one): a connection older than `max_lifetime` is closed (an error); one not taken for
+/// longer than `health_check_after` must answer an empty query first, and the session
+/// reset runs: those are the returned request, to be awaited (an error closes the
+/// connection, its reason counted). Usually there is none, and nothing is allocated:
+/// the request is boxed, so that the pool's future stays small.
+pub(crate) fn recycle<'a>(
+    client: &'a tokio_postgres::Client,
+    metrics: &Metrics,
+    lifecycle: &'a Lifecycle,
+    counters: &'a Counters,
+) -> Result<Option<RecycleCheck<'a>>, RecycleError<tokio_postgres::Error>> {
+    if lifecycle
+        .max_lifetime
+        .is_some_and(|max| metrics.age() >= max)
+    {
+        counters.add(Counter::ClosedMaxLifetime, 1);
+        return Err(RecycleError::message("the connection reached max_lifetime"));
     }
+    let reset = lifecycle.session_reset == SessionReset::DiscardAll;
+    let check = lifecycle
+        .health_check_after
+        .is_some_and(|after| metrics.last_used() >= after);
+    if !reset && !check {
+        return Ok(None);
+    }
+    Ok(Some(Box::pin(async move {
+        let result = match reset {
+            true => reset_session(client, lifecycle).await,
+            false => client.simple_query("").await.map(drop),
+        };
+        result.map_err(|error| {
+            counters.add(Counter::ClosedUnhealthy, 1);
+            RecycleError::Backend(error)
+        })
+    })))
 }
+
+/// The request [`recycle`] asks for before a connection is reused.
+pub(crate) type RecycleCheck<'a> =
+    Pin<Box<dyn Future<Output = Result<(), RecycleError<tokio_postgres::Error>>> + Send + 'a>>;
 
 /// Resets the session on `client` as [`SessionReset::DiscardAll`] does, then runs the
 /// after-connect hook again, so that its settings hold.
@@ -194,12 +205,16 @@ pub(crate) async fn reset_session(
 /// already (the server ended them), or unused for longer than
 /// `idle_timeout` or older than `max_lifetime` (never going below `min_connections`),
 /// then opens connections up to `min_connections`.
-pub(crate) async fn maintain(
-    pool: WeakPool,
+pub(crate) async fn maintain<M>(
+    pool: managed::WeakPool<M>,
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,
     period: Duration,
-) {
+) where
+    M: managed::Manager,
+    M::Type: Deref<Target = ClientWrapper>,
+    M::Error: fmt::Display,
+{
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -86,8 +86,9 @@ pub(crate) fn may_share(sql: &str) -> bool {
     let reads = matches!(first, "select" | "with" | "values" | "table");
     let bytes = sql.as_bytes();
     !(0..bytes.len()).any(|at| {
-        let starts_word = at == 0 || !is_identifier_byte(bytes[at - 1]);
-        starts_word
+        // Most bytes start no name of `session_bound`: one table lookup rules them out.
+        MAY_START_NAME[bytes[at] as usize]
+            && (at == 0 || !is_identifier_byte(bytes[at - 1]))
             && session_bound(bytes[at].to_ascii_lowercase(), reads)
                 .iter()
                 .any(|name| {
@@ -97,6 +98,19 @@ pub(crate) fn may_share(sql: &str) -> bool {
                 })
     })
 }
+
+/// The bytes that [`session_bound`] has names for, in either case.
+const MAY_START_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let letters = b"cdilpsu";
+    let mut i = 0;
+    while i < letters.len() {
+        table[letters[i] as usize] = true;
+        table[letters[i].to_ascii_uppercase() as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// Whether `byte` can be inside an identifier (so no word starts after it).
 fn is_identifier_byte(byte: u8) -> bool {
@@ -367,7 +381,8 @@ impl Multiplexer {
         let chosen = match (best, vacant) {
             (Some((0, shared)), _) | (Some((_, shared)), None) => Some(Ok(shared)),
             // Every connection is busy or missing: spread the load onto a new one.
-            (best, Some(index)) => match (self.open(index, pool).await, best) {
+            // (Boxed: opening is rare, and its future would make every query's larger.)
+            (best, Some(index)) => match (Box::pin(self.open(index, pool)).await, best) {
                 (Some(Ok(opened)), _) => Some(Ok(opened)),
                 // Opening failed, or another caller is opening it: the best one open.
                 (_, Some((_, shared))) => Some(Ok(shared)),
@@ -490,7 +505,15 @@ impl Multiplexer {
 
 #[cfg(test)]
 mod tests {
-    use super::may_share;
+    use super::{MAY_START_NAME, may_share, session_bound};
+
+    #[test]
+    fn the_first_byte_table_holds_the_first_letters_of_the_session_bound_names() {
+        for byte in 0..=255u8 {
+            let named = !session_bound(byte.to_ascii_lowercase(), true).is_empty();
+            assert_eq!(MAY_START_NAME[byte as usize], named, "{byte}");
+        }
+    }
 
     #[test]
     fn reads_and_writes_share_and_session_statements_do_not() {

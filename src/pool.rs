@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{PoolError, Runtime, Status, TimeoutType, Timeouts};
@@ -24,14 +24,16 @@ use crate::connect::{Hook, Object, Pool, ServerConnector};
 use crate::counters::{Counter, Counters};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle;
-use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, RecencyTable, StatementCache};
+use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, StatementCache};
 
 /// The pool of one engine, and how to cancel a request on its connections.
 pub(crate) struct ConnectionPool {
     pool: Pool,
     canceller: Arc<Canceller>,
     statement_cache_capacity: usize,
-    recency: Arc<RecencyTable>,
+    /// Bumped whenever the schema may have changed: the statements of every connection
+    /// of the pool are then prepared again at their next use.
+    schema_epoch: Arc<AtomicU64>,
     counters: Arc<Counters>,
 }
 
@@ -47,24 +49,22 @@ impl ConnectionPool {
             settings.connect_timeout,
             settings.tls.connector.clone(),
         ));
+        let counters = Arc::new(Counters::new(name));
+        let life = Arc::new(settings.lifecycle.clone());
         let manager = ServerConnector::new(
             pg,
             settings.tls.clone(),
             settings.server_role,
             &settings.hosts_in_order,
+            life.clone(),
+            counters.clone(),
         );
-        let counters = Arc::new(Counters::new(name));
-        let life = Arc::new(settings.lifecycle.clone());
         let pool = Pool::builder(manager)
             .max_size(settings.max_connections)
             .wait_timeout(settings.pool_wait_timeout)
             .create_timeout(Some(settings.connect_timeout))
             .runtime(Runtime::Tokio1)
             .post_create(Hook::async_fn(lifecycle::post_create(
-                life.clone(),
-                counters.clone(),
-            )))
-            .pre_recycle(Hook::async_fn(lifecycle::pre_recycle(
                 life.clone(),
                 counters.clone(),
             )))
@@ -87,14 +87,14 @@ impl ConnectionPool {
             statement_cache_capacity: settings
                 .statement_cache_capacity
                 .unwrap_or(DEFAULT_STATEMENT_CACHE_CAPACITY),
-            recency: Arc::default(),
+            schema_epoch: Arc::default(),
         })
     }
 
     /// The schema may have changed where the engine cannot see it: every statement
     /// cache of the pool is renewed.
     pub(crate) fn forget_statements(&self) {
-        self.recency.schema_changed();
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Takes a connection, waiting at most the pool's wait timeout.
@@ -107,16 +107,21 @@ impl ConnectionPool {
             ..pool.timeouts()
         };
         let object = match pool.timeout_get(&at_once).await {
-            Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                let started = std::time::Instant::now();
-                let waited = pool.get().await;
-                let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
-                self.counters.waited(started.elapsed(), timed_out);
-                waited?
-            }
+            // Boxed: the usual path's future stays small (it is moved whole up the
+            // caller's futures).
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Box::pin(self.wait()).await?,
             taken => taken?,
         };
         Ok(self.wrap(object))
+    }
+
+    /// Waits for a connection (every one is busy), at most the pool's wait timeout.
+    async fn wait(&self) -> std::result::Result<Object, PoolError> {
+        let started = std::time::Instant::now();
+        let waited = self.pool.get().await;
+        let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
+        self.counters.waited(started.elapsed(), timed_out);
+        waited
     }
 
     /// Takes an idle connection or opens a new one, without waiting for a busy one: a
@@ -135,9 +140,8 @@ impl ConnectionPool {
         Connection {
             statements: StatementCache::new(
                 self.statement_cache_capacity,
-                self.recency
-                    .of(Object::id(&object), &object.statement_cache),
-                self.recency.schema_epoch(),
+                object.statements().clone(),
+                self.schema_epoch.clone(),
             ),
             counters: self.counters.clone(),
             object: Some(object),

@@ -206,7 +206,7 @@ impl QueryString {
     /// ```
     pub fn compile(&self) -> Result<CompiledQuery<'_>> {
         if let Some(sql) = self.precompiled {
-            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
             if let Some(params) = values {
                 return Ok(CompiledQuery {
                     sql: Cow::Borrowed(sql),
@@ -216,7 +216,7 @@ impl QueryString {
         }
         if self.raw && !self.args.is_empty() {
             // Positional: the SQL already numbers its parameters.
-            let values: Option<Vec<_>> = self.args.iter().map(Arg::as_value).collect();
+            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
             return match values {
                 Some(params) => Ok(CompiledQuery {
                     sql: Cow::Borrowed(&self.template),
@@ -231,11 +231,11 @@ impl QueryString {
         if self.args.is_empty() && (self.raw || !braces()) {
             return Ok(CompiledQuery {
                 sql: Cow::Borrowed(&self.template),
-                params: Vec::new(),
+                params: Params::new(),
             });
         }
         let mut sql = String::with_capacity(self.template.len() + 8);
-        let mut params = Vec::with_capacity(self.args.len());
+        let mut params = Params::with_capacity(self.args.len());
         self.compile_into(&mut sql, &mut params)?;
         Ok(CompiledQuery {
             sql: Cow::Owned(sql),
@@ -246,11 +246,7 @@ impl QueryString {
     /// Appends this query's SQL and parameters, nested queries spliced in. A loop with
     /// the enclosing queries on a list (allocated only when there is nesting), not
     /// recursion: any depth fits any thread.
-    fn compile_into<'a>(
-        &'a self,
-        sql: &mut String,
-        params: &mut Vec<&'a (dyn ToSql + Sync)>,
-    ) -> Result<()> {
+    fn compile_into<'a>(&'a self, sql: &mut String, params: &mut Params<'a>) -> Result<()> {
         let Some(mut current) = Splice::start(self, sql)? else {
             return Ok(());
         };
@@ -436,7 +432,73 @@ impl fmt::Display for QueryString {
 /// ```
 pub struct CompiledQuery<'a> {
     sql: Cow<'a, str>,
-    params: Vec<&'a (dyn ToSql + Sync)>,
+    params: Params<'a>,
+}
+
+/// A compiled statement's parameters: up to [`INLINE`] of them inline (most statements
+/// have few), so compiling one allocates nothing more than its SQL. (Not a `SmallVec`,
+/// which would make [`CompiledQuery`] invariant in its lifetime.)
+enum Params<'a> {
+    /// The first `.0` are the parameters; the others are [`UNUSED`].
+    Inline(usize, [&'a (dyn ToSql + Sync); INLINE]),
+    Heap(Vec<&'a (dyn ToSql + Sync)>),
+}
+
+/// The parameters a compiled statement holds without allocating.
+const INLINE: usize = 4;
+
+/// What fills the inline places not taken (never sent).
+const UNUSED: &(dyn ToSql + Sync) = &0_i32;
+
+impl<'a> Params<'a> {
+    fn new() -> Self {
+        Params::Inline(0, [UNUSED; INLINE])
+    }
+
+    fn with_capacity(capacity: usize) -> Self {
+        match capacity <= INLINE {
+            true => Self::new(),
+            false => Params::Heap(Vec::with_capacity(capacity)),
+        }
+    }
+
+    fn push(&mut self, param: &'a (dyn ToSql + Sync)) {
+        match self {
+            Params::Inline(len, inline) if *len < INLINE => {
+                inline[*len] = param;
+                *len += 1;
+            }
+            Params::Inline(len, inline) => {
+                let mut heap = Vec::with_capacity(INLINE * 2);
+                heap.extend_from_slice(&inline[..*len]);
+                heap.push(param);
+                *self = Params::Heap(heap);
+            }
+            Params::Heap(heap) => heap.push(param),
+        }
+    }
+
+    fn as_slice(&self) -> &[&'a (dyn ToSql + Sync)] {
+        match self {
+            Params::Inline(len, inline) => &inline[..*len],
+            Params::Heap(heap) => heap,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+}
+
+impl<'a> FromIterator<&'a (dyn ToSql + Sync)> for Params<'a> {
+    fn from_iter<I: IntoIterator<Item = &'a (dyn ToSql + Sync)>>(iter: I) -> Self {
+        let iter = iter.into_iter();
+        let mut params = Self::with_capacity(iter.size_hint().0);
+        for param in iter {
+            params.push(param);
+        }
+        params
+    }
 }
 
 impl fmt::Debug for CompiledQuery<'_> {
@@ -464,7 +526,7 @@ impl<'a> CompiledQuery<'a> {
     /// assert!(pgengine::sql!("SELECT 1").compile().unwrap().params().is_empty());
     /// ```
     pub fn params(&self) -> &[&'a (dyn ToSql + Sync)] {
-        &self.params
+        self.params.as_slice()
     }
 }
 
@@ -739,5 +801,46 @@ impl Query for (String, sea_query_postgres::PostgresValues) {
 impl Query for Vec<QueryString> {
     fn into_querystrings(self) -> Vec<QueryString> {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CompiledQuery, INLINE, Params};
+    use tokio_postgres::types::ToSql;
+
+    /// A compiled query lends itself for a shorter time (what bundles of statements
+    /// borrowed together need): it is covariant in its lifetime.
+    #[allow(dead_code)]
+    fn shortens<'long: 'short, 'short>(query: CompiledQuery<'long>) -> CompiledQuery<'short> {
+        query
+    }
+
+    #[test]
+    fn params_keep_their_order_inline_and_beyond() {
+        let values: Vec<i32> = (0..10).collect();
+        for count in [0, 1, INLINE, INLINE + 1, 10] {
+            let pushed = {
+                let mut params = Params::with_capacity(0);
+                for value in &values[..count] {
+                    params.push(value as &(dyn ToSql + Sync));
+                }
+                params
+            };
+            let collected: Params<'_> = values[..count]
+                .iter()
+                .map(|value| value as &(dyn ToSql + Sync))
+                .collect();
+            for params in [pushed, collected] {
+                assert_eq!(params.len(), count);
+                let debug: Vec<String> = params
+                    .as_slice()
+                    .iter()
+                    .map(|param| format!("{param:?}"))
+                    .collect();
+                let want: Vec<String> = values[..count].iter().map(i32::to_string).collect();
+                assert_eq!(debug, want);
+            }
+        }
     }
 }

@@ -50,11 +50,12 @@ impl QueryLog {
         params: &'a [&'a (dyn ToSql + Sync)],
         parent: Option<&Span>,
     ) -> Option<Watch<'a>> {
+        let logs = self.log_queries || self.log_responses || self.slow_query_threshold.is_some();
+        if !logs && !tracing::dispatcher::has_been_set() {
+            return None; // no log, and no subscriber for a span: no work at all
+        }
         let span = self.telemetry.query_span(sql, parent);
-        let watched = self.log_queries
-            || self.log_responses
-            || self.slow_query_threshold.is_some()
-            || !span.is_disabled();
+        let watched = logs || !span.is_disabled();
         watched.then(|| Watch {
             log: self,
             sql,

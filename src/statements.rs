@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use deadpool_postgres::{ClientWrapper, ObjectId, StatementCache as DeadpoolCache};
+use deadpool_postgres::ClientWrapper;
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream, Statement};
@@ -20,7 +20,8 @@ pub(crate) const DEFAULT_STATEMENT_CACHE_CAPACITY: usize = 512;
 
 /// The statements one connection keeps prepared, each with when it was last used, to
 /// evict the least recently used one once the cache is over its capacity (the evicted
-/// statement is closed on the server when its last user drops it).
+/// statement is closed on the server when its last user drops it). Each pooled session
+/// owns its own (see [`Session`](crate::connect::Session)): finding it costs nothing.
 #[derive(Default)]
 pub(crate) struct Recency {
     cache: Mutex<RecencyInner>,
@@ -29,7 +30,7 @@ pub(crate) struct Recency {
 #[derive(Default)]
 struct RecencyInner {
     clock: u64,
-    by_sql: HashMap<String, (Statement, u64)>,
+    by_sql: HashMap<String, (Statement, u64), foldhash::fast::RandomState>,
     /// The schema epoch the statements were prepared in.
     epoch: u64,
 }
@@ -76,44 +77,6 @@ impl Recency {
     }
 }
 
-/// The statement cache of every pooled connection, by pool object. An entry lives
-/// as long as its connection's statement cache: entries of closed connections are
-/// dropped when a new connection is added.
-#[derive(Default)]
-pub(crate) struct RecencyTable {
-    by_object: Mutex<HashMap<ObjectId, TableEntry>>,
-    /// Bumped whenever the schema may have changed: every connection's statements are
-    /// then prepared again at their next use.
-    schema_epoch: Arc<AtomicU64>,
-}
-
-/// A connection's statements, and a token alive while the connection lives.
-type TableEntry = (Arc<Recency>, Weak<DeadpoolCache>);
-
-impl RecencyTable {
-    /// The recency of the connection `id` with statement cache `cache`.
-    pub(crate) fn of(&self, id: ObjectId, cache: &Arc<DeadpoolCache>) -> Arc<Recency> {
-        let mut table = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((recency, _)) = table.get(&id) {
-            return recency.clone();
-        }
-        table.retain(|_, (_, alive)| alive.strong_count() > 0);
-        let recency = Arc::new(Recency::default());
-        table.insert(id, (recency.clone(), Arc::downgrade(cache)));
-        recency
-    }
-
-    /// The pool's schema epoch, shared by its connections' caches.
-    pub(crate) fn schema_epoch(&self) -> Arc<AtomicU64> {
-        self.schema_epoch.clone()
-    }
-
-    /// The schema may have changed: every statement cache of the pool is renewed.
-    pub(crate) fn schema_changed(&self) {
-        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
-    }
-}
-
 /// The statement cache of one connection: its capacity and its recency.
 pub(crate) struct StatementCache {
     capacity: usize,
@@ -157,7 +120,8 @@ impl StatementCache {
         if let Some(statement) = self.recency.get(sql, epoch) {
             return Ok(statement);
         }
-        let statement = client.prepare(sql).await?;
+        // Boxed: a miss is rare, and its request would make every query's future larger.
+        let statement = Box::pin(client.prepare(sql)).await?;
         self.recency.insert(sql, statement.clone(), self.capacity);
         Ok(statement)
     }

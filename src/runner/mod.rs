@@ -158,6 +158,59 @@ impl Answer for u64 {
     }
 }
 
+/// The first row a statement returned, and how many it returned: what `fetch_one` and
+/// `fetch_optional` need, read without collecting the rows (the others are counted,
+/// then dropped).
+pub(crate) struct FirstRow {
+    pub(crate) row: Option<Row>,
+    pub(crate) count: usize,
+}
+
+impl FirstRow {
+    fn of(mut rows: Vec<Row>) -> Self {
+        let count = rows.len();
+        rows.truncate(1);
+        Self {
+            row: rows.pop(),
+            count,
+        }
+    }
+}
+
+impl Answer for FirstRow {
+    async fn prepared(
+        client: &Client,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        let rows = client.query_raw(statement, params.iter().copied()).await?;
+        let mut rows = std::pin::pin!(rows);
+        let mut first = Self {
+            row: None,
+            count: 0,
+        };
+        while let Some(row) = rows.next().await.transpose()? {
+            if first.row.is_none() {
+                first.row = Some(row);
+            }
+            first.count += 1;
+        }
+        Ok(first)
+    }
+
+    async fn unnamed(
+        connection: &Connection,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Self> {
+        connection.query_rows(sql, params).await.map(Self::of)
+    }
+
+    fn row_count(&self) -> usize {
+        self.count
+    }
+}
+
 impl Runner {
     /// A runner on a connection taken from a pool of `context`.
     pub(crate) fn pooled(context: Arc<EngineContext>, connection: Connection) -> Self {
@@ -262,11 +315,21 @@ impl Runner {
         if let [statement] = statements {
             return self.prepared(statement.sql(), statement.params()).await;
         }
-        let outcomes = pipeline::run(self, statements, Want::RowsOfLast).await?;
+        // Boxed: a single statement's future (the usual one) stays small.
+        let outcomes = Box::pin(pipeline::run(self, statements, Want::RowsOfLast)).await?;
         match outcomes.into_iter().last() {
             Some(Outcome::Rows(rows)) => Ok(rows),
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// [`fetch`](Self::fetch), for the first row and the count of rows only (a single
+    /// statement's rows are not collected).
+    pub(crate) async fn fetch_first(&self, statements: &[CompiledQuery<'_>]) -> Result<FirstRow> {
+        if let [statement] = statements {
+            return self.prepared(statement.sql(), statement.params()).await;
+        }
+        Box::pin(self.fetch(statements)).await.map(FirstRow::of)
     }
 
     /// Runs the statements and returns the rows they affected, summed (several run in
@@ -275,7 +338,8 @@ impl Runner {
         if let [statement] = statements {
             return self.prepared(statement.sql(), statement.params()).await;
         }
-        let outcomes = pipeline::run(self, statements, Want::Counts).await?;
+        // Boxed: a single statement's future (the usual one) stays small.
+        let outcomes = Box::pin(pipeline::run(self, statements, Want::Counts)).await?;
         Ok(outcomes.iter().map(Outcome::count).sum())
     }
 
@@ -321,7 +385,11 @@ impl Runner {
     /// would copy it whole each time.)
     async fn prepared<A: Answer>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<A> {
         let result = async {
-            let _permit = self.admit().await?;
+            // (Inline, not `admit`: no nested future on the hot path outside a transaction.)
+            let _permit = match &self.transaction {
+                Some(transaction) => Some(transaction.admit().await?),
+                None => None,
+            };
             let watch = self.context.log.watch(sql, params, self.span());
             let request = self.connection().request();
             let result = self.run_prepared::<A>(sql, params).await;
@@ -359,7 +427,10 @@ impl Runner {
             // one turn, so no later request overtakes it.
             // (The turn is held across the prepare round trip; `sent_in_turn` gives it
             // up once the request itself is on the wire.)
-            let turn = self.turn().await;
+            let turn = match &self.transaction {
+                Some(transaction) => Some(transaction.turn().await),
+                None => None,
+            };
             let statement = match connection.caches_statements() {
                 true => Some(connection.statement(sql).await),
                 false => None,

@@ -46,9 +46,18 @@ pub(crate) fn current_scope(engine_id: u64) -> Option<Scope> {
         .flatten()
 }
 
-/// The ambient transaction of the engine `engine_id` on this task, if any.
+/// The ambient transaction of the engine `engine_id` on this task, if any (one
+/// task-local lookup, one clone).
 pub(crate) fn current(engine_id: u64) -> Option<Arc<TxShared>> {
-    current_scope(engine_id).map(|scope| scope.transaction)
+    AMBIENT
+        .try_with(|ambient| {
+            ambient
+                .iter()
+                .find(|(id, _)| *id == engine_id)
+                .map(|(_, scope)| scope.transaction.clone())
+        })
+        .ok()
+        .flatten()
 }
 
 /// Runs `future` with `scope` as the innermost scope of engine `engine_id`.
@@ -73,20 +82,25 @@ pub(crate) async fn runner(context: &Arc<EngineContext>) -> Result<Runner> {
     Ok(Runner::pooled(context.clone(), connection))
 }
 
-/// Where one statement `sql` through the engine runs: as [`runner`] says, except that
-/// outside a transaction, with multiplexing on, a statement that may share a
-/// connection runs on a shared one when one can take it.
+/// Where a query through the engine runs: as [`runner`] says, except that outside a
+/// transaction, with multiplexing on, a single statement `shareable` (`None` for
+/// several, or when the engine may not share) that may share a connection runs on a
+/// shared one when one can take it.
 pub(crate) async fn runner_for_statement(
     context: &Arc<EngineContext>,
-    sql: &str,
+    shareable: Option<&str>,
 ) -> Result<Runner> {
+    // One task-local lookup, and no nested `runner` future: this is every query's path.
+    if let Some(transaction) = current(context.id) {
+        return Runner::in_transaction(&transaction);
+    }
     let multiplexer = &context.multiplexer;
     if multiplexer.is_on()
-        && current(context.id).is_none()
-        && multiplex::may_share(sql)
+        && shareable.is_some_and(multiplex::may_share)
         && let Some(ticket) = multiplexer.take(&context.pool).await
     {
         return Ok(Runner::multiplexed(context.clone(), ticket?));
     }
-    runner(context).await
+    let connection = context.pool.get().await?;
+    Ok(Runner::pooled(context.clone(), connection))
 }

@@ -57,24 +57,25 @@ impl Telemetry {
         if !tracing::dispatcher::has_been_set() {
             return Span::none();
         }
-        // Field values and the parent are computed only when a subscriber wants the
-        // span; without an explicit parent, the current span is the parent.
-        tracing::info_span!(
-            target: "pgengine::query",
-            parent: parent.map_or_else(|| Span::current().id(), Span::id),
-            "query",
-            otel.name = span_name(operation_name(sql)),
-            otel.kind = "client",
-            otel.status_code = Empty,
-            db.system.name = "postgresql",
-            db.namespace = %self.namespace,
-            db.operation.name = operation_name(sql),
-            db.query.text = sql,
-            server.address = %self.address,
-            server.port = self.port,
-            db.response.status_code = Empty,
-            error.type = Empty,
-        )
+        // Field values are computed only when a subscriber wants the span.
+        child_span(parent, |parent| {
+            tracing::info_span!(
+                target: "pgengine::query",
+                parent: parent,
+                "query",
+                otel.name = span_name(operation_name(sql)),
+                otel.kind = "client",
+                otel.status_code = Empty,
+                db.system.name = "postgresql",
+                db.namespace = %self.namespace,
+                db.operation.name = operation_name(sql),
+                db.query.text = sql,
+                server.address = %self.address,
+                server.port = self.port,
+                db.response.status_code = Empty,
+                error.type = Empty,
+            )
+        })
     }
 
     /// The span of one transaction on the server (one attempt of a retried one), a
@@ -106,25 +107,44 @@ impl Telemetry {
         if !tracing::dispatcher::has_been_set() {
             return Span::none();
         }
-        tracing::info_span!(
-            target: "pgengine::batch",
-            parent: parent.map_or_else(|| Span::current().id(), Span::id),
-            "batch",
-            otel.name = "batch",
-            otel.kind = "client",
-            otel.status_code = Empty,
-            db.system.name = "postgresql",
-            db.namespace = %self.namespace,
-            db.operation.name = operation_name(sql),
-            db.query.text = sql,
-            server.address = %self.address,
-            server.port = self.port,
-            pgengine.batch_size = batch_size,
-            db.response.returned_rows = Empty,
-            db.response.status_code = Empty,
-            error.type = Empty,
-        )
+        child_span(parent, |parent| {
+            tracing::info_span!(
+                target: "pgengine::batch",
+                parent: parent,
+                "batch",
+                otel.name = "batch",
+                otel.kind = "client",
+                otel.status_code = Empty,
+                db.system.name = "postgresql",
+                db.namespace = %self.namespace,
+                db.operation.name = operation_name(sql),
+                db.query.text = sql,
+                server.address = %self.address,
+                server.port = self.port,
+                pgengine.batch_size = batch_size,
+                db.response.returned_rows = Empty,
+                db.response.status_code = Empty,
+                error.type = Empty,
+            )
+        })
     }
+}
+
+/// The span `make` makes as a child of `parent`, else of the current span. A `parent`
+/// made by no subscriber (disabled, or made under `tracing`'s no-op subscriber, which a
+/// thread may hold as its default while another subscriber is the global one) makes a
+/// root span: its id means nothing to the subscriber that makes the child, which would
+/// panic looking it up.
+fn child_span(parent: Option<&Span>, make: impl FnOnce(Option<tracing::Id>) -> Span) -> Span {
+    let parent = match parent {
+        None => Span::current().id(),
+        Some(parent) => parent
+            .with_subscriber(|(id, dispatch)| {
+                (!dispatch.is::<tracing::subscriber::NoSubscriber>()).then(|| id.clone())
+            })
+            .flatten(),
+    };
+    make(parent)
 }
 
 /// Records `error` on `span`: its SQLSTATE (a database error) or the engine's kind of
@@ -240,6 +260,44 @@ pub(crate) fn operation_name(sql: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A span made by the no-op subscriber (as a thread that holds it as its default
+    /// makes them while a global subscriber makes callsites "always" interested) has
+    /// an id the registry does not know: a child of it is a root span, not a panic.
+    #[test]
+    fn a_parent_made_by_no_subscriber_makes_a_root_span() {
+        use tracing::subscriber::NoSubscriber;
+        use tracing_subscriber::registry::{LookupSpan, SpanData};
+        let registry = tracing_subscriber::registry();
+        let dispatch = tracing::Dispatch::new(registry);
+        tracing::dispatcher::with_default(&dispatch, || {
+            let real = tracing::info_span!("real");
+            let metadata = real.metadata().expect("the registry wants every span");
+            let no_op = tracing::Dispatch::new(NoSubscriber::default());
+            let dead = tracing::dispatcher::with_default(&no_op, || {
+                Span::new(metadata, &metadata.fields().value_set(&[]))
+            });
+            assert!(dead.id().is_some(), "the no-op subscriber gives an id too");
+
+            let orphan = child_span(
+                Some(&dead),
+                |parent| tracing::info_span!(parent: parent, "child"),
+            );
+            let child = child_span(
+                Some(&real),
+                |parent| tracing::info_span!(parent: parent, "child"),
+            );
+            let registry = dispatch
+                .downcast_ref::<tracing_subscriber::Registry>()
+                .expect("a registry");
+            let parent_of = |span: &Span| {
+                let data = registry.span_data(&span.id().expect("an id"))?;
+                SpanData::parent(&data).cloned()
+            };
+            assert_eq!(parent_of(&orphan), None);
+            assert_eq!(parent_of(&child), real.id());
+        });
+    }
 
     #[test]
     fn the_operation_is_the_first_keyword() {

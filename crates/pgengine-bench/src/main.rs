@@ -202,11 +202,19 @@ async fn run(cli: Cli) -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(&markdown, report.benchmarks_md())?;
-    match chart::draw(&report, &out.join("chart.png")) {
-        Ok(()) => eprintln!("wrote {}", out.join("chart.png").display()),
-        Err(e) => eprintln!("no chart: {e:#}"),
-    }
+    // The chart goes next to the markdown, which shows it (`BENCHMARKS.png`).
+    let chart_path = markdown.with_extension("png");
+    let chart = match chart::draw(&report, &chart_path) {
+        Ok(()) => {
+            eprintln!("wrote {}", chart_path.display());
+            chart_path.file_name().and_then(|name| name.to_str())
+        }
+        Err(e) => {
+            eprintln!("no chart: {e:#}");
+            None
+        }
+    };
+    std::fs::write(&markdown, report.benchmarks_md(chart))?;
     eprintln!(
         "wrote {} and {}",
         out.join("results.json").display(),

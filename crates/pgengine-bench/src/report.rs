@@ -293,8 +293,9 @@ impl Report {
         out
     }
 
-    /// BENCHMARKS.md: command, machine, server, table, targets, explanations.
-    pub fn benchmarks_md(&self) -> String {
+    /// BENCHMARKS.md: command, machine, server, the chart (its file name, when drawn),
+    /// table, targets, explanations.
+    pub fn benchmarks_md(&self, chart: Option<&str>) -> String {
         let m = &self.machine;
         let p = &self.plan;
         let mut out = String::from(
@@ -337,6 +338,12 @@ impl Report {
         );
         if p.quick {
             out.push_str("**Quick mode**: tiny sizes and durations; the figures only show the harness works.\n\n");
+        }
+        if let Some(chart) = chart {
+            let _ = write!(
+                out,
+                "![Throughput of every system, per workload]({chart})\n\n"
+            );
         }
         let _ = write!(
             out,

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio_postgres::{PipelineResult, PipelineStatement};
+
 use crate::config::EngineSettings;
 use crate::error::{Error, Result};
 use crate::multiplex::Multiplexer;
@@ -49,12 +51,10 @@ pub(crate) enum Finish {
 }
 
 impl Finish {
-    /// The statement that ends a transaction this way. A `COMMIT` goes behind a
-    /// `SELECT 1`, which makes an aborted transaction an error (`25P02`) where a bare
-    /// `COMMIT` would answer `ROLLBACK` without one.
+    /// The statement that ends a transaction this way.
     pub(crate) fn sql(self) -> &'static str {
         match self {
-            Finish::Commit => "SELECT 1; COMMIT",
+            Finish::Commit => "COMMIT",
             Finish::Rollback => "ROLLBACK",
         }
     }
@@ -133,8 +133,34 @@ impl EngineContext {
         connection: &Connection,
         finish: Finish,
     ) -> Result<()> {
-        let answer = self.run_simple(connection, finish.sql()).await;
+        let answer = match finish {
+            Finish::Commit => self.run_commit(connection).await,
+            Finish::Rollback => self.run_simple(connection, finish.sql()).await,
+        };
         self.settle_end(connection, finish, answer).await
+    }
+
+    /// Sends `COMMIT` and reads its command tag: a transaction that an error aborted
+    /// answers `ROLLBACK`, without an error, and that is an error here (SQLSTATE
+    /// `25P02`'s meaning: nothing was saved).
+    async fn run_commit(&self, connection: &Connection) -> Result<()> {
+        let sql = Finish::Commit.sql();
+        let request = connection.guarded(async {
+            let answer = connection
+                .client()
+                .pipeline(&[PipelineStatement::Unnamed(sql, &[])])
+                .await
+                .map_err(|failure| Error::from(failure.into_error()))?;
+            match answer.first().and_then(PipelineResult::command_tag) {
+                Some("COMMIT") => Ok(()),
+                tag => Err(Error::transaction(format!(
+                    "cannot commit: an earlier error aborted the transaction, so the server \
+                     rolled it back and nothing was saved (COMMIT answered {})",
+                    tag.unwrap_or("nothing")
+                ))),
+            }
+        });
+        self.log.observe(sql, &[], None, request, |_| None).await
     }
 
     /// What the answer to a transaction's end means, for every path that ends one (a

@@ -156,3 +156,31 @@ async fn a_schema_change_through_the_client_renews_the_statement_caches() {
         .unwrap();
     assert_eq!(columns, 2);
 }
+
+/// An error the engine never saw (a statement run through the lent client, its error
+/// swallowed) still aborted the transaction: the server answers its `COMMIT` with
+/// `ROLLBACK`, and that is an error, not a commit that saved nothing silently.
+#[tokio::test]
+async fn a_commit_after_an_error_the_engine_did_not_see_is_refused() {
+    let (db, engine) = common::engine().await;
+    common::create_band(&engine).await;
+    let tx = engine.begin().await.unwrap();
+    tx.execute(common::insert_band("kept?")).await.unwrap();
+    tx.with_client(|client| {
+        Box::pin(async move {
+            let swallowed = client.execute("SELECT 1 / 0", &[]).await;
+            assert!(swallowed.is_err());
+            Ok::<_, Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    let refused = tx.commit().await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Transaction, "{refused}");
+    assert!(
+        refused.to_string().contains("nothing was saved"),
+        "{refused}"
+    );
+    assert_eq!(common::count(&engine, "band").await, 0);
+    common::assert_sessions_clean(&db).await;
+}

@@ -20,7 +20,9 @@ use crate::query::{encode_bind, encode_bind_raw, extract_row_affected};
 use crate::types::{ToSql, Type};
 use crate::{Column, Error, Row, Statement};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::message::backend::{DataRowBody, Message, RowDescriptionBody};
+use postgres_protocol::message::backend::{
+    CommandCompleteBody, DataRowBody, Message, RowDescriptionBody,
+};
 use postgres_protocol::message::frontend;
 use std::fmt;
 use std::sync::Arc;
@@ -36,10 +38,21 @@ pub enum PipelineStatement<'a> {
 }
 
 /// What one statement of a pipeline returned.
-#[derive(Debug)]
 pub struct PipelineResult {
     rows: Vec<Row>,
     rows_affected: u64,
+    /// The `CommandComplete` message (`None` for an empty query).
+    completed: Option<CommandCompleteBody>,
+}
+
+impl fmt::Debug for PipelineResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineResult")
+            .field("rows", &self.rows.len())
+            .field("rows_affected", &self.rows_affected)
+            .field("command_tag", &self.command_tag())
+            .finish()
+    }
 }
 
 impl PipelineResult {
@@ -56,6 +69,12 @@ impl PipelineResult {
     /// The rows the statement affected (its command tag's count; 0 when it has none).
     pub fn rows_affected(&self) -> u64 {
         self.rows_affected
+    }
+
+    /// The statement's command tag (`INSERT 0 1`, `COMMIT`, …): `None` for an empty
+    /// query. A `COMMIT` of a transaction that an error aborted answers `ROLLBACK`.
+    pub fn command_tag(&self) -> Option<&str> {
+        self.completed.as_ref()?.tag().ok()
     }
 }
 
@@ -159,10 +178,11 @@ pub(crate) async fn run(
             },
             Message::CommandComplete(body) => {
                 let rows_affected = extract_row_affected(&body).map_err(PipelineError::whole)?;
-                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, rows_affected);
+                let answer = (rows_affected, Some(body));
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, answer);
             }
             Message::EmptyQueryResponse => {
-                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, 0);
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, (0, None));
             }
             Message::ReadyForQuery(_) if results.len() == statements.len() => break,
             _ => return Err(PipelineError::whole(Error::unexpected_message())),
@@ -198,7 +218,7 @@ fn finish(
     described: &mut Option<RowDescriptionBody>,
     rows: &mut Vec<Row>,
     bodies: &mut Vec<DataRowBody>,
-    rows_affected: u64,
+    (rows_affected, completed): (u64, Option<CommandCompleteBody>),
 ) {
     if let Some(description) = described.take() {
         untyped.push(Untyped {
@@ -210,6 +230,7 @@ fn finish(
     results.push(PipelineResult {
         rows: std::mem::take(rows),
         rows_affected,
+        completed,
     });
 }
 

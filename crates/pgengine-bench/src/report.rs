@@ -418,12 +418,15 @@ impl Report {
                  transaction being open), so each transaction costs 7 round trips. At c=16 \
                  the UPDATEs of the 10 `pgbench_branches` rows at scale 10 contend on row locks, \
                  which serializes part of the work and narrows the differences between clients. \
-                 The Rust clients' own work per transaction differs by a few microseconds of \
-                 CPU (count it with the `client-cost` subcommand under callgrind), a few percent \
-                 of the two cores at this rate, so their order changes from run to run: single \
-                 runs on this machine swing by 10–25%. pgbench's lead is client CPU: on 2 shared \
-                 cores each microsecond the client spends is one the server does not get, and \
-                 libpq spends fewer than tokio's wake-ups."
+                 The Rust clients' own work per transaction differs (count it with the \
+                 `client-cost` subcommand under callgrind): pgengine spends about 133,000 \
+                 instructions per transaction where tokio-postgres spends 97,000 and deadpool \
+                 101,000 — its transaction state, the ambient scope, the statement cache and \
+                 query building — and on 2 shared cores each microsecond the client spends is \
+                 one the server does not get, while a slower client also holds the branch row \
+                 locks longer: that is pgengine's gap here. pgbench's lead is client CPU too: \
+                 libpq spends fewer than tokio's wake-ups. Single runs on this machine swing by \
+                 10–25%."
             }
             Workload::Atomic => {
                 "100 INSERTs in one transaction, one atomic after another. Code that awaits \
@@ -449,7 +452,10 @@ impl Report {
                  server runs the rows back to back and answers once. asyncpg's `executemany` \
                  does the same (one Sync per call; it is atomic since asyncpg 0.22). pgbench \
                  in pipeline mode (`\\startpipeline` … `\\endpipeline`, libpq's \
-                 `PQpipelineSync`) is the C ceiling. tokio-postgres as released has no \
+                 `PQpipelineSync`) sends the same messages, but its script interpreter steps \
+                 through each of the 1,000 INSERTs as a command of its own, which costs it \
+                 more client CPU per row than the Rust client spends: here it is a reference, \
+                 not a ceiling. tokio-postgres as released has no \
                  pipeline with one Sync: its hand-pipelined inserts make the server answer \
                  and flush each statement on its own, which is what pgengine's driver patch \
                  (`crates/tokio-postgres/PATCHES.md`) removes. The server's own cost per \
@@ -496,8 +502,10 @@ impl Report {
                 "BEGIN; COMMIT; at c=16. The server assigns no transaction id and writes no WAL, \
                  so this is pure client and protocol overhead: two round trips per transaction, \
                  pool checkout and connection-state bookkeeping. pgbench's lead is client CPU, as \
-                 in workload 2; repeated runs put pgengine within a few percent of deadpool and \
-                 tokio-postgres here, single runs swing by 10–25%."
+                 in workload 2. pgengine's transaction costs about 34,700 client instructions \
+                 against deadpool's 26,800 (callgrind, `client-cost --workload empty-tx`): its \
+                 transaction state and the ambient scope, which on 2 shared cores is most of \
+                 its gap here; single runs swing by 10–25%."
             }
             Workload::ReplicaReads => {
                 "Workload 1's point selects at c=32, three ways: pgengine on the primary \

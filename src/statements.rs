@@ -116,8 +116,7 @@ impl StatementCache {
         client: &ClientWrapper,
         sql: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        let epoch = self.schema_epoch.load(Ordering::Acquire);
-        if let Some(statement) = self.recency.get(sql, epoch) {
+        if let Some(statement) = self.cached(sql) {
             return Ok(statement);
         }
         // Boxed: a miss is rare, and its request would make every query's future larger.

@@ -23,7 +23,11 @@ use crate::context::Finish;
 use crate::error::{Error, Result};
 use crate::pool::Connection;
 use crate::query::CompiledQuery;
+use crate::query_log::Watch;
 use crate::statements::typed;
+
+/// The parameters of a statement that has none.
+const NO_PARAMS: &[&(dyn ToSql + Sync)] = &[];
 
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -230,21 +234,30 @@ async fn run_synced(
 ) -> Result<Vec<Outcome>> {
     let connection = runner.connection();
     let bracket = usize::from(own_transaction);
-    let mut sent = Vec::with_capacity(bound.len() + 2 * bracket);
-    let mut watched = Vec::with_capacity(sent.capacity());
     let log = &runner.context().log;
+    let mut sent = Vec::with_capacity(bound.len() + 2 * bracket);
+    // The statements the query log watches, by their place in `sent`: none (and nothing
+    // allocated) when nothing is logged.
+    let mut watched: Vec<(usize, Watch<'_>)> = Vec::new();
+    let mut send = |statement, sql, params| {
+        if let Some(watch) = log.watch(sql, params, runner.span()) {
+            watched.push((sent.len(), watch));
+        }
+        sent.push(statement);
+    };
     if own_transaction {
         connection.set_in_transaction(true);
-        sent.push(PipelineStatement::Unnamed("BEGIN", &[]));
-        watched.push(log.watch("BEGIN", &[], runner.span()));
+        send(PipelineStatement::Unnamed("BEGIN", &[]), "BEGIN", NO_PARAMS);
     }
     for statement in bound {
-        sent.push(statement.as_pipeline());
-        watched.push(log.watch(statement.sql, statement.params, runner.span()));
+        send(statement.as_pipeline(), statement.sql, statement.params);
     }
     if own_transaction {
-        sent.push(PipelineStatement::Unnamed("COMMIT", &[]));
-        watched.push(log.watch("COMMIT", &[], runner.span()));
+        send(
+            PipelineStatement::Unnamed("COMMIT", &[]),
+            "COMMIT",
+            NO_PARAMS,
+        );
     }
     let answer = connection.client().pipeline(&sent).await;
     let results = match answer {
@@ -264,8 +277,11 @@ async fn run_synced(
                 }
                 None => error,
             };
-            if let Some(watch) = index.and_then(|index| watched.get_mut(index)?.take()) {
-                watch.report::<()>(Err(&error), |_| None);
+            if let Some(at) = watched.iter().position(|(at, _)| Some(*at) == index) {
+                watched
+                    .swap_remove(at)
+                    .1
+                    .report::<()>(Err(&error), |_| None);
             }
             if !own_transaction {
                 return Err(error);
@@ -286,13 +302,14 @@ async fn run_synced(
     }
     let last = bound.len() - 1;
     let mut outcomes = Vec::with_capacity(bound.len());
-    for (index, (result, watch)) in results.into_iter().zip(watched).enumerate() {
+    let mut watched = watched.into_iter().peekable();
+    for (index, result) in results.into_iter().enumerate() {
         let count = result.rows_affected();
-        let row_count = match result.rows() {
-            [] => count as usize,
-            rows => rows.len(),
-        };
-        if let Some(watch) = watch {
+        if let Some((_, watch)) = watched.next_if(|(at, _)| *at == index) {
+            let row_count = match result.rows() {
+                [] => count as usize,
+                rows => rows.len(),
+            };
             watch.report(Ok(&()), |_| Some(row_count));
         }
         let Some(index) = index.checked_sub(bracket).filter(|index| *index <= last) else {

@@ -303,15 +303,9 @@ impl TxShared {
         }
         let context = &self.context;
         match (finish, aborted_by) {
-            (Finish::Commit, None) => {
-                let committed = context.end_transaction(connection, Finish::Commit).await;
-                if let Err(error) = &committed {
-                    if error.code() == Some(IN_FAILED_TRANSACTION) {
-                        return Err(refused(error.to_string()));
-                    }
-                }
-                committed
-            }
+            // An abort the engine did not see makes the server answer ROLLBACK, which
+            // `end_transaction` refuses.
+            (Finish::Commit, None) => context.end_transaction(connection, Finish::Commit).await,
             (Finish::Commit, Some(cause)) => {
                 let _ = context.end_transaction(connection, Finish::Rollback).await;
                 Err(refused(cause))
@@ -368,9 +362,6 @@ impl TxShared {
         }
     }
 }
-
-/// SQLSTATE `25P02`: a statement sent in a transaction that an error aborted.
-pub(crate) const IN_FAILED_TRANSACTION: &str = "25P02";
 
 impl TxState {
     /// Records why the transaction can only roll back; a `ROLLBACK TO` a savepoint of

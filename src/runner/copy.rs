@@ -101,7 +101,7 @@ impl Runner {
             let _permit = self.admit().await?;
             let turn = self.turn().await;
             let connection = self.connection();
-            let start = async { Ok(connection.client().copy_out(sql).await?) };
+            let start = std::pin::pin!(async { Ok(connection.client().copy_out(sql).await?) });
             connection.guarded(sent_in_turn(turn, start)).await
         }
         .await;

@@ -59,12 +59,15 @@ pub(crate) fn compile(statement: &QueryString) -> Result<CompiledQuery<'_>> {
 
 /// Sends `request` (polls it once) while holding a transaction's `turn`, so that it
 /// reaches the server behind the requests polled before it, then lets the next request
-/// send and waits for the answer. Without a turn, just runs it.
-async fn sent_in_turn<F: Future>(turn: Option<MutexGuard<'_, ()>>, request: F) -> F::Output {
+/// send and waits for the answer. Without a turn, just runs it. (The request is pinned
+/// by the caller: it lives once, in the caller's future, not again in this one.)
+async fn sent_in_turn<F: Future>(
+    turn: Option<MutexGuard<'_, ()>>,
+    mut request: std::pin::Pin<&mut F>,
+) -> F::Output {
     let Some(turn) = turn else {
         return request.await;
     };
-    let mut request = std::pin::pin!(request);
     if let Poll::Ready(output) = futures::poll!(request.as_mut()) {
         return output;
     }
@@ -366,8 +369,12 @@ impl Runner {
         let _permit = self.admit().await?;
         let turn = self.turn().await;
         let span = self.span().cloned().unwrap_or_else(Span::none);
-        let request = self.context.run_simple(self.connection(), sql);
-        let result = sent_in_turn(turn, request.instrument(span)).await;
+        let request = std::pin::pin!(
+            self.context
+                .run_simple(self.connection(), sql)
+                .instrument(span)
+        );
+        let result = sent_in_turn(turn, request).await;
         self.noted(result)
     }
 
@@ -435,12 +442,12 @@ impl Runner {
                 true => Some(connection.statement(sql).await),
                 false => None,
             };
-            let request = async {
+            let request = std::pin::pin!(async {
                 match statement {
                     Some(statement) => A::prepared(connection.client(), &statement?, params).await,
                     None => A::unnamed(connection, sql, params).await,
                 }
-            };
+            });
             match sent_in_turn(turn, request).await {
                 Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
                 answer => return answer,
@@ -494,7 +501,7 @@ impl Runner {
                 .context
                 .log
                 .observe(sql, &[], self.span(), request, |rows| Some(rows.len()));
-            sent_in_turn(self.turn().await, observed).await
+            sent_in_turn(self.turn().await, std::pin::pin!(observed)).await
         }
         .await;
         self.noted(result)

@@ -71,7 +71,7 @@ struct SessionParts {
     /// Shared with the connector.
     server: Option<Arc<ServerAddress>>,
     /// Lives as long as the session (its statements are closed with it).
-    statements: Arc<Recency>,
+    statements: Recency,
 }
 
 impl std::fmt::Debug for Session {
@@ -89,13 +89,13 @@ impl Session {
         Self(Box::new(SessionParts {
             client,
             server,
-            statements: Arc::default(),
+            statements: Recency::default(),
         }))
     }
 
     /// The statements prepared on this session (see
     /// [`StatementCache`](crate::statements::StatementCache)).
-    pub(crate) fn statements(&self) -> &Arc<Recency> {
+    pub(crate) fn statements(&self) -> &Recency {
         &self.0.statements
     }
 

@@ -20,21 +20,27 @@ use tokio_postgres::{Row, RowStream, Statement};
 
 use crate::cancel::Canceller;
 use crate::config::EngineSettings;
-use crate::connect::{Hook, Object, Pool, ServerConnector};
+use crate::connect::{Hook, Object, Pool, ServerConnector, Session};
 use crate::counters::{Counter, Counters};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle;
 use crate::statements::{DEFAULT_STATEMENT_CACHE_CAPACITY, StatementCache};
 
-/// The pool of one engine, and how to cancel a request on its connections.
+/// The pool of one engine, and what its connections share.
 pub(crate) struct ConnectionPool {
     pool: Pool,
-    canceller: Arc<Canceller>,
+    shared: Arc<PoolShared>,
+}
+
+/// What every connection of a pool shares (one reference per connection taken).
+struct PoolShared {
+    /// How to cancel a request on a connection of the pool.
+    canceller: Canceller,
+    counters: Arc<Counters>,
     statement_cache_capacity: usize,
     /// Bumped whenever the schema may have changed: the statements of every connection
     /// of the pool are then prepared again at their next use.
-    schema_epoch: Arc<AtomicU64>,
-    counters: Arc<Counters>,
+    schema_epoch: AtomicU64,
 }
 
 impl ConnectionPool {
@@ -44,11 +50,11 @@ impl ConnectionPool {
         settings: &EngineSettings,
         name: String,
     ) -> Result<Self> {
-        let canceller = Arc::new(Canceller::new(
+        let canceller = Canceller::new(
             &pg,
             settings.connect_timeout,
             settings.tls.connector.clone(),
-        ));
+        );
         let counters = Arc::new(Counters::new(name));
         let life = Arc::new(settings.lifecycle.clone());
         let manager = ServerConnector::new(
@@ -81,20 +87,22 @@ impl ConnectionPool {
             ));
         }
         Ok(Self {
-            counters,
             pool,
-            canceller,
-            statement_cache_capacity: settings
-                .statement_cache_capacity
-                .unwrap_or(DEFAULT_STATEMENT_CACHE_CAPACITY),
-            schema_epoch: Arc::default(),
+            shared: Arc::new(PoolShared {
+                canceller,
+                counters,
+                statement_cache_capacity: settings
+                    .statement_cache_capacity
+                    .unwrap_or(DEFAULT_STATEMENT_CACHE_CAPACITY),
+                schema_epoch: AtomicU64::new(0),
+            }),
         })
     }
 
     /// The schema may have changed where the engine cannot see it: every statement
     /// cache of the pool is renewed.
     pub(crate) fn forget_statements(&self) {
-        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.schema_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Takes a connection, waiting at most the pool's wait timeout.
@@ -120,7 +128,7 @@ impl ConnectionPool {
         let started = std::time::Instant::now();
         let waited = self.pool.get().await;
         let timed_out = matches!(waited, Err(PoolError::Timeout(TimeoutType::Wait)));
-        self.counters.waited(started.elapsed(), timed_out);
+        self.shared.counters.waited(started.elapsed(), timed_out);
         waited
     }
 
@@ -136,16 +144,10 @@ impl ConnectionPool {
     }
 
     fn wrap(&self, object: Object) -> Connection {
-        self.counters.moved(1.0, || Some(self.pool.status()));
+        self.shared.counters.moved(1.0, || Some(self.pool.status()));
         Connection {
-            statements: StatementCache::new(
-                self.statement_cache_capacity,
-                object.statements().clone(),
-                self.schema_epoch.clone(),
-            ),
-            counters: self.counters.clone(),
             object: Some(object),
-            canceller: self.canceller.clone(),
+            shared: self.shared.clone(),
             in_transaction: AtomicBool::new(false),
             schema_changed_in_transaction: AtomicBool::new(false),
             unfinished: AtomicBool::new(false),
@@ -160,7 +162,7 @@ impl ConnectionPool {
 
     /// The pool's counters.
     pub(crate) fn counters(&self) -> &Counters {
-        &self.counters
+        &self.shared.counters
     }
 
     /// Refuses new connections and closes the idle ones; those in use close as they
@@ -173,9 +175,7 @@ impl ConnectionPool {
 /// A connection taken from the pool, returned clean when dropped.
 pub(crate) struct Connection {
     object: Option<Object>,
-    statements: StatementCache,
-    counters: Arc<Counters>,
-    canceller: Arc<Canceller>,
+    shared: Arc<PoolShared>,
     in_transaction: AtomicBool,
     /// A statement of the open transaction may have changed the schema: the pool's
     /// statement caches are renewed again when it ends (its change is visible then).
@@ -187,8 +187,13 @@ pub(crate) struct Connection {
 impl Connection {
     /// The driver's client with its statement cache.
     pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        self.session()
+    }
+
+    /// The pooled session.
+    fn session(&self) -> &Session {
         self.object
-            .as_ref()
+            .as_deref()
             .expect("a connection holds its object until dropped")
     }
 
@@ -207,9 +212,18 @@ impl Connection {
             .map_or(Duration::ZERO, |object| Object::metrics(object).age())
     }
 
+    /// The statement cache of this connection.
+    fn statements(&self) -> StatementCache<'_> {
+        StatementCache::new(
+            self.shared.statement_cache_capacity,
+            self.session().statements(),
+            &self.shared.schema_epoch,
+        )
+    }
+
     /// Whether statements are prepared and cached (else sent unnamed).
     pub(crate) fn caches_statements(&self) -> bool {
-        self.statements.caches_statements()
+        self.shared.statement_cache_capacity > 0
     }
 
     /// `sql` prepared on this connection (statement cache).
@@ -217,17 +231,17 @@ impl Connection {
         &self,
         sql: &str,
     ) -> std::result::Result<Statement, tokio_postgres::Error> {
-        self.statements.statement(self.client(), sql).await
+        self.statements().statement(self.client(), sql).await
     }
 
     /// `sql` prepared on this connection if its statement cache has it (nothing sent).
     pub(crate) fn cached_statement(&self, sql: &str) -> Option<Statement> {
-        self.statements.cached(sql)
+        self.statements().cached(sql)
     }
 
     /// Drops `sql` from the statement cache.
     pub(crate) fn forget_statement(&self, sql: &str) {
-        self.statements.forget(sql);
+        self.statements().forget(sql);
     }
 
     /// Runs `sql` with its rows (see [`StatementCache`]).
@@ -236,7 +250,9 @@ impl Connection {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
-        self.statements.query_rows(self.client(), sql, params).await
+        self.statements()
+            .query_rows(self.client(), sql, params)
+            .await
     }
 
     /// Runs `sql`, counting the rows it affected (see [`StatementCache`]).
@@ -245,7 +261,7 @@ impl Connection {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
-        self.statements
+        self.statements()
             .execute_count(self.client(), sql, params)
             .await
     }
@@ -256,7 +272,7 @@ impl Connection {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<RowStream> {
-        self.statements
+        self.statements()
             .query_stream(self.client(), sql, params)
             .await
     }
@@ -269,7 +285,7 @@ impl Connection {
                 .schema_changed_in_transaction
                 .swap(false, Ordering::AcqRel)
         {
-            self.statements.schema_changed();
+            self.forget_all_statements();
         }
     }
 
@@ -290,10 +306,16 @@ impl Connection {
         }
     }
 
+    /// Every statement cache of the pool is renewed: each statement is prepared afresh
+    /// at its next use.
+    fn forget_all_statements(&self) {
+        self.shared.schema_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The schema may have changed where the engine could not see it: every statement
     /// cache of the pool is renewed now, and again when the open transaction ends.
     pub(crate) fn schema_may_have_changed(&self) {
-        self.statements.schema_changed();
+        self.forget_all_statements();
         if self.in_transaction.load(Ordering::Acquire) {
             self.schema_changed_in_transaction
                 .store(true, Ordering::Release);
@@ -320,7 +342,7 @@ impl Connection {
             .object
             .as_ref()
             .expect("a connection holds its object until dropped");
-        (self.canceller)
+        (self.shared.canceller)
             .cancel(&object.cancel_token(), object.server())
             .await
     }
@@ -390,13 +412,14 @@ impl Drop for Connection {
         let Some(object) = self.object.take() else {
             return;
         };
-        self.counters
+        self.shared
+            .counters
             .moved(-1.0, || Object::pool(&object).map(|pool| pool.status()));
         let unfinished = self.unfinished.load(Ordering::Acquire);
         let in_transaction = self.in_transaction.load(Ordering::Acquire);
         if self.broken.load(Ordering::Acquire) || object.is_closed() {
             tracing::debug!(target: "pgengine::pool", "discarding a broken connection");
-            self.counters.add(Counter::ClosedBroken, 1);
+            self.shared.counters.add(Counter::ClosedBroken, 1);
             drop(Object::take(object));
             return;
         }
@@ -405,12 +428,7 @@ impl Drop for Connection {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(restore(
-                    object,
-                    unfinished,
-                    self.canceller.clone(),
-                    self.counters.clone(),
-                ));
+                runtime.spawn(restore(object, unfinished, self.shared.clone()));
             }
             // No runtime to roll back on: closing the session makes the server roll back.
             Err(_) => drop(Object::take(object)),
@@ -424,14 +442,11 @@ impl Drop for Connection {
 ///
 /// The `ROLLBACK` is sent only once the server has signalled the session (see
 /// [`Canceller`]), so the cancel cannot reach it or any later request.
-async fn restore(
-    object: Object,
-    unfinished: bool,
-    canceller: Arc<Canceller>,
-    counters: Arc<Counters>,
-) {
+async fn restore(object: Object, unfinished: bool, shared: Arc<PoolShared>) {
+    let counters = &shared.counters;
     if unfinished
-        && !canceller
+        && !shared
+            .canceller
             .cancel(&object.cancel_token(), object.server())
             .await
     {

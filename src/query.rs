@@ -4,8 +4,11 @@
 //! their arguments; an argument may itself be a `QueryString`, which is spliced in with its
 //! own arguments renumbered. Compiling gives SQL with `$1..$n` and the parameter list.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
+
+use smallvec::SmallVec;
 
 use tokio_postgres::types::ToSql;
 
@@ -19,50 +22,117 @@ use crate::error::{Error, Result};
 /// ```
 pub type Param = Box<dyn ToSql + Send + Sync>;
 
-/// One argument of a [`QueryString`]: a value sent as a parameter, or a nested query spliced in.
+/// One argument of a [`QueryString`]: a value sent as a parameter, or a nested query
+/// spliced in. Made with `Arg::from`: any `ToSql + Send + Sync + 'static` value, or a
+/// `QueryString`.
 ///
 /// ```
 /// use pgengine::query::{Arg, QueryString};
 /// let args = vec![Arg::from(1_i32), Arg::from(QueryString::new("SELECT 2"))];
 /// assert_eq!(args.len(), 2);
 /// ```
-pub enum Arg {
+pub struct Arg(ArgKind);
+
+enum ArgKind {
     /// A value, sent as a `$n` parameter.
-    Value(Param),
-    /// A nested query, spliced into the template with its own arguments renumbered.
-    Query(QueryString),
+    Value(Value),
+    /// A nested query, spliced into the template with its own arguments renumbered
+    /// (boxed: an argument stays small, and most are values).
+    Query(Box<QueryString>),
+}
+
+/// A parameter value: the scalar types most parameters have are held as they are,
+/// anything else boxed (a query of a few integers allocates nothing per argument).
+enum Value {
+    Bool(bool),
+    Int2(i16),
+    Int4(i32),
+    Int8(i64),
+    Float4(f32),
+    Float8(f64),
+    Oid(u32),
+    Text(&'static str),
+    Boxed(Param),
+}
+
+impl Value {
+    /// `value`, held as it is when it is one of the scalar types, else boxed. (Each
+    /// check is on the type alone, decided when the program compiles.)
+    fn new<T: ToSql + Send + Sync + 'static>(value: T) -> Self {
+        let any: &dyn Any = &value;
+        if let Some(&v) = any.downcast_ref::<i32>() {
+            Value::Int4(v)
+        } else if let Some(&v) = any.downcast_ref::<i64>() {
+            Value::Int8(v)
+        } else if let Some(&v) = any.downcast_ref::<&'static str>() {
+            Value::Text(v)
+        } else if let Some(&v) = any.downcast_ref::<bool>() {
+            Value::Bool(v)
+        } else if let Some(&v) = any.downcast_ref::<i16>() {
+            Value::Int2(v)
+        } else if let Some(&v) = any.downcast_ref::<f64>() {
+            Value::Float8(v)
+        } else if let Some(&v) = any.downcast_ref::<f32>() {
+            Value::Float4(v)
+        } else if let Some(&v) = any.downcast_ref::<u32>() {
+            Value::Oid(v)
+        } else {
+            Value::Boxed(Box::new(value))
+        }
+    }
+
+    /// The value, as the driver takes it: the same `ToSql` as the value given.
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Value::Bool(v) => v,
+            Value::Int2(v) => v,
+            Value::Int4(v) => v,
+            Value::Int8(v) => v,
+            Value::Float4(v) => v,
+            Value::Float8(v) => v,
+            Value::Oid(v) => v,
+            Value::Text(v) => v,
+            Value::Boxed(v) => v.as_ref(),
+        }
+    }
 }
 
 impl<T: ToSql + Send + Sync + 'static> From<T> for Arg {
     fn from(value: T) -> Self {
-        Arg::Value(Box::new(value))
+        Arg(ArgKind::Value(Value::new(value)))
     }
 }
 
 impl Arg {
     /// The value, as a parameter; `None` for a nested query.
     fn as_value(&self) -> Option<&(dyn ToSql + Sync)> {
-        match self {
-            Arg::Value(value) => Some(value.as_ref() as &(dyn ToSql + Sync)),
-            Arg::Query(_) => None,
+        match &self.0 {
+            ArgKind::Value(value) => Some(value.as_sql()),
+            ArgKind::Query(_) => None,
         }
     }
 }
 
 impl From<QueryString> for Arg {
     fn from(query: QueryString) -> Self {
-        Arg::Query(query)
+        Arg(ArgKind::Query(Box::new(query)))
     }
 }
 
 impl fmt::Debug for Arg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Arg::Value(value) => write!(f, "{value:?}"),
-            Arg::Query(query) => write!(f, "{query:?}"),
+        match &self.0 {
+            ArgKind::Value(value) => write!(f, "{:?}", value.as_sql()),
+            ArgKind::Query(query) => write!(f, "{query:?}"),
         }
     }
 }
+
+/// A query's arguments: the first [`INLINE_ARGS`] held in the query itself.
+type Args = SmallVec<[Arg; INLINE_ARGS]>;
+
+/// The arguments a query holds without allocating: most statements have few.
+const INLINE_ARGS: usize = 4;
 
 /// A SQL template with `{}` placeholders and their arguments.
 ///
@@ -87,7 +157,7 @@ impl fmt::Debug for Arg {
 /// ```
 pub struct QueryString {
     template: Cow<'static, str>,
-    args: Vec<Arg>,
+    args: Args,
     raw: bool,
     /// The template's `$n` form, compiled with the program by [`sql!`](crate::sql); used
     /// while every argument is a value (a nested query needs renumbering).
@@ -104,7 +174,7 @@ impl QueryString {
     pub fn new(template: impl Into<Cow<'static, str>>) -> Self {
         Self {
             template: template.into(),
-            args: Vec::new(),
+            args: Args::new(),
             raw: false,
             precompiled: None,
         }
@@ -120,7 +190,7 @@ impl QueryString {
     pub fn with_args(template: impl Into<Cow<'static, str>>, args: Vec<Arg>) -> Self {
         Self {
             template: template.into(),
-            args,
+            args: Args::from_vec(args),
             raw: false,
             precompiled: None,
         }
@@ -129,10 +199,14 @@ impl QueryString {
     /// What [`sql!`](crate::sql) builds from a literal template: `sql` is the template's
     /// `$n` form, checked against the arguments while the program compiled.
     #[doc(hidden)]
-    pub fn precompiled(template: &'static str, sql: &'static str, args: Vec<Arg>) -> Self {
+    pub fn precompiled<const N: usize>(
+        template: &'static str,
+        sql: &'static str,
+        args: [Arg; N],
+    ) -> Self {
         Self {
             template: Cow::Borrowed(template),
-            args,
+            args: args.into_iter().collect(),
             raw: false,
             precompiled: Some(sql),
         }
@@ -147,7 +221,7 @@ impl QueryString {
     pub fn raw(sql: impl Into<Cow<'static, str>>) -> Self {
         Self {
             template: sql.into(),
-            args: Vec::new(),
+            args: Args::new(),
             raw: true,
             precompiled: None,
         }
@@ -168,7 +242,10 @@ impl QueryString {
     pub fn positional(sql: impl Into<Cow<'static, str>>, params: Vec<Param>) -> Self {
         Self {
             template: sql.into(),
-            args: params.into_iter().map(Arg::Value).collect(),
+            args: params
+                .into_iter()
+                .map(|param| Arg(ArgKind::Value(Value::Boxed(param))))
+                .collect(),
             raw: true,
             precompiled: None,
         }
@@ -264,12 +341,12 @@ impl QueryString {
             };
             match piece? {
                 Piece::Text(text) => sql.push_str(text),
-                Piece::Placeholder => match current.args.next() {
-                    Some(Arg::Value(value)) => {
-                        params.push(value.as_ref() as &(dyn ToSql + Sync));
+                Piece::Placeholder => match current.args.next().map(|arg| &arg.0) {
+                    Some(ArgKind::Value(value)) => {
+                        params.push(value.as_sql());
                         push_placeholder(sql, params.len());
                     }
-                    Some(Arg::Query(nested)) => {
+                    Some(ArgKind::Query(nested)) => {
                         if let Some(inner) = Splice::start(nested, sql)? {
                             enclosing.push(std::mem::replace(&mut current, inner));
                         }
@@ -328,7 +405,11 @@ impl<'a> Splice<'a> {
 /// query nested any depth deep is dropped on any thread.
 impl Drop for QueryString {
     fn drop(&mut self) {
-        if !self.args.iter().any(|arg| matches!(arg, Arg::Query(_))) {
+        if !self
+            .args
+            .iter()
+            .any(|arg| matches!(arg.0, ArgKind::Query(_)))
+        {
             return;
         }
         let mut nested = Vec::new();
@@ -340,10 +421,10 @@ impl Drop for QueryString {
 }
 
 /// Moves the nested queries out of `args` onto `into`; values are dropped.
-fn take_nested(args: &mut Vec<Arg>, into: &mut Vec<QueryString>) {
+fn take_nested(args: &mut Args, into: &mut Vec<QueryString>) {
     for arg in args.drain(..) {
-        if let Arg::Query(query) = arg {
-            into.push(query);
+        if let ArgKind::Query(query) = arg.0 {
+            into.push(*query);
         }
     }
 }
@@ -559,7 +640,7 @@ macro_rules! sql {
         const _: () = SHAPE.check($crate::__sql_count!($($arg),*));
         const BYTES: [u8; SHAPE.len] = $crate::query::__private::precompile::<{ SHAPE.len }>($template);
         const SQL: &str = $crate::query::__private::utf8(&BYTES);
-        $crate::QueryString::precompiled($template, SQL, ::std::vec![$($crate::query::Arg::from($arg)),*])
+        $crate::QueryString::precompiled($template, SQL, [$($crate::query::Arg::from($arg)),*])
     }};
     ($template:expr $(,)?) => {
         $crate::QueryString::new($template)

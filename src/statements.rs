@@ -4,8 +4,8 @@
 //! bound and run in one round trip, so no named statement outlives its request.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use deadpool_postgres::ClientWrapper;
@@ -77,21 +77,18 @@ impl Recency {
     }
 }
 
-/// The statement cache of one connection: its capacity and its recency.
-pub(crate) struct StatementCache {
+/// The statement cache of one connection, as a view for one use: its capacity, its
+/// recency, and the pool's schema epoch (nothing is cloned to make one).
+pub(crate) struct StatementCache<'a> {
     capacity: usize,
-    recency: Arc<Recency>,
-    schema_epoch: Arc<AtomicU64>,
+    recency: &'a Recency,
+    schema_epoch: &'a AtomicU64,
 }
 
-impl StatementCache {
+impl<'a> StatementCache<'a> {
     /// A cache of `capacity` statements with the connection's `recency`, renewed when
     /// the pool's `schema_epoch` moves.
-    pub(crate) fn new(
-        capacity: usize,
-        recency: Arc<Recency>,
-        schema_epoch: Arc<AtomicU64>,
-    ) -> Self {
+    pub(crate) fn new(capacity: usize, recency: &'a Recency, schema_epoch: &'a AtomicU64) -> Self {
         Self {
             capacity,
             recency,
@@ -99,13 +96,8 @@ impl StatementCache {
         }
     }
 
-    /// The schema may have changed: this cache and every other of the pool is renewed.
-    pub(crate) fn schema_changed(&self) {
-        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// Whether statements are prepared and cached (capacity above 0).
-    pub(crate) fn caches_statements(&self) -> bool {
+    fn caches_statements(&self) -> bool {
         self.capacity > 0
     }
 

@@ -230,3 +230,85 @@ async fn sea_query_queries_run_as_built() {
     let names: Vec<(String,)> = engine.fetch_as(select).await.unwrap();
     assert_eq!(names, [("O'Brien; DROP TABLE band".to_owned(),)]);
 }
+
+/// The scalar types a query holds without boxing them are encoded by their own `ToSql`,
+/// as boxed values are: read back as sent through prepared statements (where the server
+/// gives each parameter its type), declared as their own type in unnamed statements
+/// (`statement_cache_capacity=0`, where the value's type is the parameter's), and a value
+/// of another type than its parameter is refused as before.
+#[tokio::test]
+async fn scalar_arguments_keep_their_types() {
+    use pgengine::prelude::*;
+    let (db, engine) = crate::common::engine().await;
+    let row = engine
+        .fetch_one(sql!(
+            "SELECT {}::bool, {}::int2, {}::int4, {}::int8, {}::float4, {}::float8, \
+             {}::oid, {}::text, {}::text",
+            true,
+            -7_i16,
+            i32::MIN,
+            i64::MAX,
+            1.5_f32,
+            -2.25_f64,
+            26_u32,
+            "static text",
+            String::from("owned text")
+        ))
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i16>(1), -7);
+    assert_eq!(row.get::<_, i32>(2), i32::MIN);
+    assert_eq!(row.get::<_, i64>(3), i64::MAX);
+    assert_eq!(row.get::<_, f32>(4), 1.5);
+    assert_eq!(row.get::<_, f64>(5), -2.25);
+    assert_eq!(row.get::<_, u32>(6), 26);
+    assert_eq!(row.get::<_, &str>(7), "static text");
+    assert_eq!(row.get::<_, &str>(8), "owned text");
+
+    let wrong = engine
+        .fetch_one(sql!("SELECT {}::int8", 7_i32))
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.to_string().contains("serializing parameter 0"),
+        "{wrong}"
+    );
+
+    let unnamed = crate::common::builder(&db)
+        .statement_cache_capacity(0)
+        .build()
+        .await
+        .unwrap();
+    let row = unnamed
+        .fetch_one(sql!(
+            "SELECT pg_typeof({})::text, pg_typeof({})::text, pg_typeof({})::text, \
+             pg_typeof({})::text, pg_typeof({})::text, pg_typeof({})::text, \
+             pg_typeof({})::text, pg_typeof({})::text",
+            true,
+            7_i16,
+            7_i32,
+            7_i64,
+            1.5_f32,
+            1.5_f64,
+            26_u32,
+            "text"
+        ))
+        .await
+        .unwrap();
+    let types: Vec<&str> = (0..8).map(|i| row.get(i)).collect();
+    assert_eq!(
+        types,
+        [
+            "boolean",
+            "smallint",
+            "integer",
+            "bigint",
+            "real",
+            "double precision",
+            "oid",
+            "text"
+        ]
+    );
+    assert_eq!(format!("{:?}", pgengine::query::Arg::from(-7_i16)), "-7");
+}

@@ -188,9 +188,10 @@ impl EngineContext {
                 Finish::Rollback => Err(error),
             },
             Err(error) => {
+                // Boxed: a refused COMMIT is rare, and this request would make every
+                // transaction's end future larger.
                 if finish == Finish::Commit
-                    && self
-                        .run_simple(connection, Finish::Rollback.sql())
+                    && Box::pin(self.run_simple(connection, Finish::Rollback.sql()))
                         .await
                         .is_ok()
                 {

@@ -10,6 +10,8 @@
 //! done, so the next user never sees a dirty session.
 
 use std::future::Future;
+
+use futures::FutureExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -357,12 +359,17 @@ impl Connection {
         }
     }
 
-    /// Runs `request` under a [`RequestGuard`].
-    pub(crate) async fn guarded<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
+    /// Runs `request` under a [`RequestGuard`]. (A combinator, not an `async fn`: the
+    /// request's future is held once, not copied into a second slot.)
+    pub(crate) fn guarded<T>(
+        &self,
+        request: impl Future<Output = Result<T>>,
+    ) -> impl Future<Output = Result<T>> {
         let guard = self.request();
-        let output = request.await;
-        guard.answered(&output);
-        output
+        request.map(move |output| {
+            guard.answered(&output);
+            output
+        })
     }
 
     /// Records the outcome of a request: after a connection failure (or a session the

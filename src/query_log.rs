@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio_postgres::types::ToSql;
 use tracing::Span;
 
@@ -68,20 +69,22 @@ impl QueryLog {
 
     /// Runs one request and reports it as [`watch`](Self::watch) says. The request is
     /// polled as soon as this future is, so pipelined order is kept.
-    pub(crate) async fn observe<T>(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+    pub(crate) fn observe<'a, T>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
         parent: Option<&Span>,
         request: impl Future<Output = Result<T>>,
         row_count: impl Fn(&T) -> Option<usize>,
-    ) -> Result<T> {
+    ) -> impl Future<Output = Result<T>> {
+        // A combinator, not an `async fn`: the request's future is held once.
         let watch = self.watch(sql, params, parent);
-        let result = request.await;
-        if let Some(watch) = watch {
-            watch.report(result.as_ref(), row_count);
-        }
-        result
+        request.map(move |result| {
+            if let Some(watch) = watch {
+                watch.report(result.as_ref(), row_count);
+            }
+            result
+        })
     }
 }
 

@@ -26,7 +26,10 @@ pub(crate) fn statement_changes_schema(sql: &str) -> bool {
 /// takes them) may change the schema. A `;` inside a literal only adds a fragment to
 /// look at: at worst a cache is renewed for nothing.
 pub(crate) fn changes_schema(sql: &str) -> bool {
-    sql.split(';').any(statement_changes_schema)
+    match memchr::memchr(b';', sql.as_bytes()) {
+        None => statement_changes_schema(sql), // one statement (BEGIN, COMMIT, …)
+        Some(_) => sql.split(';').any(statement_changes_schema),
+    }
 }
 
 /// The first word of `sql`, after blanks, `--` line comments and `/* */` comments.

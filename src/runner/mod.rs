@@ -489,6 +489,7 @@ impl Runner {
     pub(crate) async fn unprepared(&self, sql: &str) -> Result<Vec<Row>> {
         let result = async {
             let _permit = self.admit().await?;
+            let turn = self.turn().await;
             let connection = self.connection();
             let request = connection.guarded(async {
                 connection
@@ -501,7 +502,7 @@ impl Runner {
                 .context
                 .log
                 .observe(sql, &[], self.span(), request, |rows| Some(rows.len()));
-            sent_in_turn(self.turn().await, std::pin::pin!(observed)).await
+            sent_in_turn(turn, std::pin::pin!(observed)).await
         }
         .await;
         self.noted(result)

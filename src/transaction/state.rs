@@ -126,7 +126,12 @@ impl TxShared {
     /// Admits one request: waits while the transaction is being finished by someone
     /// else, and refuses once it is finishing or finished.
     pub(crate) async fn admit(&self) -> Result<RequestPermit<'_>> {
-        let permit = self.gate.read().await;
+        // Taken at once when free (the usual case); a waiting writer holds the permits,
+        // so this never overtakes it.
+        let permit = match self.gate.try_read() {
+            Ok(permit) => permit,
+            Err(_) => self.gate.read().await,
+        };
         match self.lock().phase {
             Phase::Active => Ok(permit),
             phase => Err(finished_error(phase)),
@@ -135,7 +140,12 @@ impl TxShared {
 
     /// The turn to send a request; see [`TxShared::turn`].
     pub(crate) async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.turn.lock().await
+        // Taken at once when free; a released turn goes straight to its next waiter, so
+        // this never overtakes one.
+        match self.turn.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => self.turn.lock().await,
+        }
     }
 
     /// A fresh cursor name, unique within this transaction.

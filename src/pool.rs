@@ -10,11 +10,11 @@
 //! done, so the next user never sees a dirty session.
 
 use std::future::Future;
-
-use futures::FutureExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use deadpool_postgres::{PoolError, Runtime, Status, TimeoutType, Timeouts};
 use tokio_postgres::types::ToSql;
@@ -43,6 +43,14 @@ struct PoolShared {
     /// Bumped whenever the schema may have changed: the statements of every connection
     /// of the pool are then prepared again at their next use.
     schema_epoch: AtomicU64,
+}
+
+impl PoolShared {
+    /// Every statement cache of the pool is renewed: each statement is prepared afresh
+    /// at its next use.
+    fn forget_statements(&self) {
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl ConnectionPool {
@@ -104,7 +112,7 @@ impl ConnectionPool {
     /// The schema may have changed where the engine cannot see it: every statement
     /// cache of the pool is renewed.
     pub(crate) fn forget_statements(&self) {
-        self.shared.schema_epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.forget_statements();
     }
 
     /// Takes a connection, waiting at most the pool's wait timeout.
@@ -287,7 +295,7 @@ impl Connection {
                 .schema_changed_in_transaction
                 .swap(false, Ordering::AcqRel)
         {
-            self.forget_all_statements();
+            self.shared.forget_statements();
         }
     }
 
@@ -308,16 +316,10 @@ impl Connection {
         }
     }
 
-    /// Every statement cache of the pool is renewed: each statement is prepared afresh
-    /// at its next use.
-    fn forget_all_statements(&self) {
-        self.shared.schema_epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// The schema may have changed where the engine could not see it: every statement
     /// cache of the pool is renewed now, and again when the open transaction ends.
     pub(crate) fn schema_may_have_changed(&self) {
-        self.forget_all_statements();
+        self.shared.forget_statements();
         if self.in_transaction.load(Ordering::Acquire) {
             self.schema_changed_in_transaction
                 .store(true, Ordering::Release);

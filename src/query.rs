@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::fmt;
 
 use smallvec::SmallVec;
-
 use tokio_postgres::types::ToSql;
 
 use crate::error::{Error, Result};

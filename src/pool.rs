@@ -362,7 +362,9 @@ impl Connection {
     }
 
     /// Runs `request` under a [`RequestGuard`]. (A combinator, not an `async fn`: the
-    /// request's future is held once, not copied into a second slot.)
+    /// request's future is held once, not copied into a second slot.) The guard starts
+    /// here: await the result at once, as every caller does; dropped unpolled, it would
+    /// mark the connection as having an abandoned request.
     pub(crate) fn guarded<T>(
         &self,
         request: impl Future<Output = Result<T>>,

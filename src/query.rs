@@ -103,6 +103,19 @@ impl<T: ToSql + Send + Sync + 'static> From<T> for Arg {
 }
 
 impl Arg {
+    /// A value already boxed (its type known only at run time, as a driver's or a
+    /// binding's values are), sent as a parameter.
+    ///
+    /// ```
+    /// use pgengine::query::{Arg, Param, QueryString};
+    /// let value: Param = Box::new(7_i64);
+    /// let q = QueryString::new("SELECT {}").arg(Arg::boxed(value));
+    /// assert_eq!(q.compile().unwrap().params().len(), 1);
+    /// ```
+    pub fn boxed(value: Param) -> Self {
+        Arg(ArgKind::Value(Value::Boxed(value)))
+    }
+
     /// The value, as a parameter; `None` for a nested query.
     fn as_value(&self) -> Option<&(dyn ToSql + Sync)> {
         match &self.0 {
@@ -241,10 +254,7 @@ impl QueryString {
     pub fn positional(sql: impl Into<Cow<'static, str>>, params: Vec<Param>) -> Self {
         Self {
             template: sql.into(),
-            args: params
-                .into_iter()
-                .map(|param| Arg(ArgKind::Value(Value::Boxed(param))))
-                .collect(),
+            args: params.into_iter().map(Arg::boxed).collect(),
             raw: true,
             precompiled: None,
         }

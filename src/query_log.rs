@@ -77,7 +77,8 @@ impl QueryLog {
         request: impl Future<Output = Result<T>>,
         row_count: impl Fn(&T) -> Option<usize>,
     ) -> impl Future<Output = Result<T>> {
-        // A combinator, not an `async fn`: the request's future is held once.
+        // A combinator, not an `async fn`: the request's future is held once. The watch
+        // (its clock and span) starts here: callers await the result at once.
         let watch = self.watch(sql, params, parent);
         request.map(move |result| {
             if let Some(watch) = watch {

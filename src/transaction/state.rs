@@ -138,7 +138,8 @@ impl TxShared {
         }
     }
 
-    /// The turn to send a request; see [`TxShared::turn`].
+    /// The turn to send a request: requests of the transaction reach the server in the
+    /// order they took it (the runner holds it until its request is on the wire).
     pub(crate) async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
         // Taken at once when free; a released turn goes straight to its next waiter, so
         // this never overtakes one.

@@ -311,4 +311,15 @@ async fn scalar_arguments_keep_their_types() {
         ]
     );
     assert_eq!(format!("{:?}", pgengine::query::Arg::from(-7_i16)), "-7");
+
+    // A value boxed at run time (its type unknown to the program) is spliced in too.
+    let dynamic: pgengine::query::Param = Box::new(41_i64);
+    let answer: i64 = engine
+        .fetch_one(
+            QueryString::new("SELECT {}::int8 + 1").arg(pgengine::query::Arg::boxed(dynamic)),
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(answer, 42);
 }

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! pgengine without named prepared statements (as behind pgbouncer in transaction
-//! mode) is measured by adding `?statement_cache_capacity=0` to the URL.
+//! mode) is measured by adding `?statement_cache_capacity=0` to the URL. On a server
+//! that offers TLS, add `sslmode=disable` too: pgengine's default `sslmode=prefer` (as
+//! libpq's) would encrypt while the other clients here connect without TLS.
 //!
 //! The server at the URL needs the benchmark's tables: `pgbench -i`, and
 //! `CREATE TABLE bench_atomic (a int NOT NULL, b text NOT NULL)`.

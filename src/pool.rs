@@ -233,7 +233,7 @@ impl Connection {
 
     /// Whether statements are prepared and cached (else sent unnamed).
     pub(crate) fn caches_statements(&self) -> bool {
-        self.shared.statement_cache_capacity > 0
+        self.statements().caches_statements()
     }
 
     /// `sql` prepared on this connection (statement cache).

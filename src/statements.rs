@@ -97,7 +97,7 @@ impl<'a> StatementCache<'a> {
     }
 
     /// Whether statements are prepared and cached (capacity above 0).
-    fn caches_statements(&self) -> bool {
+    pub(crate) fn caches_statements(&self) -> bool {
         self.capacity > 0
     }
 

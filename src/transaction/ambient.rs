@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use super::state::TxShared;
 use crate::context::EngineContext;
 use crate::error::Result;
@@ -29,8 +31,12 @@ impl Scope {
     }
 }
 
+/// The innermost scope of each engine with a transaction on the task: inline for the
+/// usual one engine (no allocation per transaction).
+type Scopes = SmallVec<[(u64, Scope); 1]>;
+
 tokio::task_local! {
-    static AMBIENT: Vec<(u64, Scope)>;
+    static AMBIENT: Scopes;
 }
 
 /// The innermost scope of the engine `engine_id` on this task, if any.
@@ -66,7 +72,7 @@ pub(crate) fn scope<F: Future>(
     scope: Scope,
     future: F,
 ) -> impl Future<Output = F::Output> {
-    let mut ambient = AMBIENT.try_with(Vec::clone).unwrap_or_default();
+    let mut ambient = AMBIENT.try_with(Scopes::clone).unwrap_or_default();
     ambient.retain(|(id, _)| *id != engine_id);
     ambient.push((engine_id, scope));
     AMBIENT.scope(ambient, future)

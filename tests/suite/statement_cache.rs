@@ -144,3 +144,55 @@ async fn a_stale_statement_in_a_bundle_fails_once_then_is_prepared_afresh() {
     let rows = engine.fetch(bundle()).await.unwrap();
     assert_eq!((rows.len(), rows[0].columns().len()), (3, 2));
 }
+
+/// The `COMMIT` statements of this connection's server session that it has prepared.
+async fn prepared_commits(tx: &PostgresTransaction) -> i64 {
+    tx.fetch_one("SELECT count(*) FROM pg_prepared_statements WHERE statement = 'COMMIT'")
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `COMMIT` is prepared once per connection and reused by every later commit (its
+/// answer still read: a transaction the server aborted unseen is refused, see
+/// `escape_hatch`); without a statement cache nothing is prepared, and commits work.
+#[tokio::test]
+async fn commit_is_prepared_once_per_connection_where_statements_are_cached() {
+    let (_db, engine) = crate::common::engine_with(1).await;
+    engine
+        .run_ddl("CREATE TABLE band (name text)")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for name in ["a", "b", "c"] {
+        let tx = engine.begin().await.unwrap();
+        tx.execute(sql!("INSERT INTO band VALUES ({})", name))
+            .await
+            .unwrap();
+        seen.push(prepared_commits(&tx).await);
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(seen, [0, 1, 1], "prepared at the first commit, then reused");
+    assert_eq!(crate::common::count(&engine, "band").await, 3);
+
+    let db = pgengine_testing::TestDatabase::new().await.unwrap();
+    let uncached = crate::common::builder(&db)
+        .max_connections(1)
+        .statement_cache_capacity(0)
+        .build()
+        .await
+        .unwrap();
+    uncached
+        .run_ddl("CREATE TABLE band (name text)")
+        .await
+        .unwrap();
+    for name in ["a", "b"] {
+        let tx = uncached.begin().await.unwrap();
+        tx.execute(sql!("INSERT INTO band VALUES ({})", name))
+            .await
+            .unwrap();
+        assert_eq!(prepared_commits(&tx).await, 0);
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(crate::common::count(&uncached, "band").await, 2);
+}

@@ -39,31 +39,28 @@ tokio::task_local! {
     static AMBIENT: Scopes;
 }
 
-/// The innermost scope of the engine `engine_id` on this task, if any.
-pub(crate) fn current_scope(engine_id: u64) -> Option<Scope> {
+/// `f` of the innermost scope of the engine `engine_id` on this task, if it has one.
+fn find<T>(engine_id: u64, f: impl FnOnce(&Scope) -> T) -> Option<T> {
     AMBIENT
         .try_with(|ambient| {
             ambient
                 .iter()
                 .find(|(id, _)| *id == engine_id)
-                .map(|(_, scope)| scope.clone())
+                .map(|(_, scope)| f(scope))
         })
         .ok()
         .flatten()
 }
 
+/// The innermost scope of the engine `engine_id` on this task, if any.
+pub(crate) fn current_scope(engine_id: u64) -> Option<Scope> {
+    find(engine_id, Scope::clone)
+}
+
 /// The ambient transaction of the engine `engine_id` on this task, if any (one
-/// task-local lookup, one clone).
+/// task-local lookup, one `Arc` cloned).
 pub(crate) fn current(engine_id: u64) -> Option<Arc<TxShared>> {
-    AMBIENT
-        .try_with(|ambient| {
-            ambient
-                .iter()
-                .find(|(id, _)| *id == engine_id)
-                .map(|(_, scope)| scope.transaction.clone())
-        })
-        .ok()
-        .flatten()
+    find(engine_id, |scope| scope.transaction.clone())
 }
 
 /// Runs `future` with `scope` as the innermost scope of engine `engine_id`.

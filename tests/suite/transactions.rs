@@ -156,6 +156,40 @@ async fn transaction_exists_only_inside() {
     assert!(engine.current_transaction().is_none());
 }
 
+/// Transactions of two engines open at once on one task: each engine's queries run in
+/// its own transaction (each sees its own uncommitted row, not the other's), and each
+/// is ambient only inside its own closure; both commit.
+#[tokio::test]
+async fn transactions_of_two_engines_nest_on_one_task() {
+    let (db, engine) = common::engine().await;
+    let other = common::builder(&db).build().await.unwrap();
+    create_band(&engine).await;
+    engine
+        .transaction()
+        .run(async |_outer| {
+            engine.execute(insert_band("outer")).await?;
+            other
+                .transaction()
+                .run(async |_inner| {
+                    other.execute(insert_band("inner")).await?;
+                    assert!(engine.transaction_exists() && other.transaction_exists());
+                    assert_eq!(band_names(&engine).await, ["outer"]);
+                    assert_eq!(band_names(&other).await, ["inner"]);
+                    Ok::<_, Error>(())
+                })
+                .await?;
+            assert!(!other.transaction_exists());
+            assert!(engine.transaction_exists());
+            // The inner one committed: a READ COMMITTED statement sees its row now.
+            assert_eq!(band_names(&engine).await, ["inner", "outer"]);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(band_names(&engine).await, ["inner", "outer"]);
+    common::assert_sessions_clean(&db).await;
+}
+
 /// Rolling back to an unnamed savepoint undoes only what came after it.
 #[tokio::test]
 async fn rollback_to_unnamed_savepoint() {

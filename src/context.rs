@@ -143,25 +143,12 @@ impl EngineContext {
     /// Sends `COMMIT` and reads its command tag: a transaction that an error aborted
     /// answers `ROLLBACK`, without an error, and that is an error here (SQLSTATE
     /// `25P02`'s meaning: nothing was saved).
-    ///
-    /// Where the connection caches statements, `COMMIT` is prepared once (the server
-    /// parses and binds it even in an aborted transaction) and each commit is a `Bind`,
-    /// an `Execute` and a `Sync`: two messages fewer each way than an unnamed statement.
-    /// If it cannot be prepared, it is sent unnamed, as without a cache.
     async fn run_commit(&self, connection: &Connection) -> Result<()> {
         let sql = Finish::Commit.sql();
         let request = connection.guarded(async {
-            let prepared = match connection.caches_statements() {
-                true => connection.statement(sql).await.ok(),
-                false => None,
-            };
-            let statement = match &prepared {
-                Some(prepared) => PipelineStatement::Prepared(prepared, &[]),
-                None => PipelineStatement::Unnamed(sql, &[]),
-            };
             let answer = connection
                 .client()
-                .pipeline(&[statement])
+                .pipeline(&[PipelineStatement::Unnamed(sql, &[])])
                 .await
                 .map_err(|failure| Error::from(failure.into_error()))?;
             match answer.first().and_then(PipelineResult::command_tag) {

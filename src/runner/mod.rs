@@ -419,9 +419,10 @@ impl Runner {
     /// Runs `sql` as a statement prepared once per connection (statement cache).
     ///
     /// When the server has invalidated a cached statement (a table it reads changed
-    /// shape: SQLSTATE 0A000), it is dropped from the cache; outside a transaction the
-    /// statement is then prepared and run once more, inside one the error stands (the
-    /// transaction is aborted) and the next use prepares it afresh.
+    /// shape: SQLSTATE 0A000) or no longer has it (26000), it is dropped from the cache;
+    /// outside a transaction the statement is then prepared and run once more, inside
+    /// one the error stands (the transaction is aborted) and the next use prepares it
+    /// afresh.
     async fn run_prepared<A: Answer>(
         &self,
         sql: &str,
@@ -456,10 +457,9 @@ impl Runner {
     }
 
     /// After a prepared statement failed: whether to prepare `sql` afresh and run it
-    /// once more, because the cached statement outlived its table's shape (SQLSTATE
-    /// 0A000, "cached plan must not change result type"). Such a statement is dropped
-    /// from the cache either way; it is run again only once, and never inside a
-    /// transaction (which the error aborted).
+    /// once more, because the cached statement is stale (see
+    /// [`forget_if_stale`](Self::forget_if_stale)). It is run again only once, and never
+    /// inside a transaction (which the error aborted).
     fn retry_stale(&self, sql: &str, error: &Error, retried: &mut bool) -> bool {
         if !self.forget_if_stale(sql, error) {
             return false;
@@ -469,18 +469,29 @@ impl Runner {
         again
     }
 
-    /// Drops `sql` from the statement cache when `error` says its prepared statement
-    /// outlived its table's shape (SQLSTATE 0A000, "cached plan must not change result
-    /// type"); whether it did.
+    /// Drops what `error` says is stale from the statement cache; whether it did. A
+    /// statement that outlived its table's shape (SQLSTATE 0A000, "cached plan must not
+    /// change result type") is dropped alone; a statement the server no longer has
+    /// (26000: deallocated where the engine could not see, such as `DEALLOCATE ALL` run
+    /// by a function) means any of the connection's may be gone, so the caches are
+    /// renewed as after a schema change.
     fn forget_if_stale(&self, sql: &str, error: &Error) -> bool {
-        let stale = error.database_error().is_some_and(|db| {
-            db.code == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED.code()
-                && db.message.contains("cached plan")
-        });
-        if stale {
-            self.connection().forget_statement(sql);
+        use tokio_postgres::error::SqlState;
+        let Some(db) = error.database_error() else {
+            return false;
+        };
+        let connection = self.connection();
+        if db.code == SqlState::FEATURE_NOT_SUPPORTED.code() && db.message.contains("cached plan") {
+            connection.forget_statement(sql);
+            true
+        } else if db.code == SqlState::INVALID_SQL_STATEMENT_NAME.code()
+            && connection.caches_statements()
+        {
+            connection.schema_may_have_changed();
+            true
+        } else {
+            false
         }
-        stale
     }
 
     /// One statement without parameters (a cursor's `DECLARE` or `FETCH`) over the

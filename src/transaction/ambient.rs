@@ -32,7 +32,7 @@ impl Scope {
 }
 
 /// The innermost scope of each engine with a transaction on the task: inline for the
-/// usual one engine (no allocation per transaction).
+/// usual one engine (the list allocates nothing then).
 type Scopes = SmallVec<[(u64, Scope); 1]>;
 
 tokio::task_local! {

@@ -145,54 +145,30 @@ async fn a_stale_statement_in_a_bundle_fails_once_then_is_prepared_afresh() {
     assert_eq!((rows.len(), rows[0].columns().len()), (3, 2));
 }
 
-/// The `COMMIT` statements of this connection's server session that it has prepared.
-async fn prepared_commits(tx: &PostgresTransaction) -> i64 {
-    tx.fetch_one("SELECT count(*) FROM pg_prepared_statements WHERE statement = 'COMMIT'")
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// `COMMIT` is prepared once per connection and reused by every later commit (its
-/// answer still read: a transaction the server aborted unseen is refused, see
-/// `escape_hatch`); without a statement cache nothing is prepared, and commits work.
+/// The connection's statements deallocated where the engine could not see it
+/// (`DEALLOCATE ALL` run by a function): outside a transaction the query is prepared
+/// afresh and runs; inside one the error stands (the server aborted the transaction,
+/// whose commit is refused) and the next transaction prepares afresh.
 #[tokio::test]
-async fn commit_is_prepared_once_per_connection_where_statements_are_cached() {
+async fn statements_deallocated_unseen_are_prepared_afresh() {
     let (_db, engine) = crate::common::engine_with(1).await;
-    engine
-        .run_ddl("CREATE TABLE band (name text)")
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    for name in ["a", "b", "c"] {
-        let tx = engine.begin().await.unwrap();
-        tx.execute(sql!("INSERT INTO band VALUES ({})", name))
-            .await
-            .unwrap();
-        seen.push(prepared_commits(&tx).await);
-        tx.commit().await.unwrap();
-    }
-    assert_eq!(seen, [0, 1, 1], "prepared at the first commit, then reused");
-    assert_eq!(crate::common::count(&engine, "band").await, 3);
+    let deallocate = "DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$";
+    let two =
+        async || -> pgengine::Result<i32> { Ok(engine.fetch_one("SELECT 1 + 1").await?.get(0)) };
+    assert_eq!(two().await.unwrap(), 2);
+    engine.execute(deallocate).await.unwrap();
+    assert_eq!(two().await.unwrap(), 2, "prepared afresh and run again");
 
-    let db = pgengine_testing::TestDatabase::new().await.unwrap();
-    let uncached = crate::common::builder(&db)
-        .max_connections(1)
-        .statement_cache_capacity(0)
-        .build()
-        .await
-        .unwrap();
-    uncached
-        .run_ddl("CREATE TABLE band (name text)")
-        .await
-        .unwrap();
-    for name in ["a", "b"] {
-        let tx = uncached.begin().await.unwrap();
-        tx.execute(sql!("INSERT INTO band VALUES ({})", name))
-            .await
-            .unwrap();
-        assert_eq!(prepared_commits(&tx).await, 0);
-        tx.commit().await.unwrap();
-    }
-    assert_eq!(crate::common::count(&uncached, "band").await, 2);
+    engine.execute(deallocate).await.unwrap();
+    let tx = engine.begin().await.unwrap();
+    let gone = tx.fetch_one("SELECT 1 + 1").await.unwrap_err();
+    assert_eq!(gone.code(), Some("26000"), "{gone}");
+    assert_eq!(
+        tx.commit().await.unwrap_err().kind(),
+        pgengine::ErrorKind::Transaction
+    );
+    let tx = engine.begin().await.unwrap();
+    let again: i32 = tx.fetch_one("SELECT 1 + 1").await.unwrap().get(0);
+    assert_eq!(again, 2);
+    tx.commit().await.unwrap();
 }

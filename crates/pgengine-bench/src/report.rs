@@ -505,9 +505,9 @@ impl Report {
                  pool checkout and connection-state bookkeeping. pgbench's lead is client CPU, as \
                  in workload 2. pgengine's transaction costs about 30,500 client instructions \
                  against deadpool's 26,400 (callgrind, `client-cost --workload empty-tx`): its \
-                 transaction state, the ambient scope and a COMMIT sent as a prepared statement \
-                 whose tag is read (an aborted transaction answers ROLLBACK), which on 2 shared \
-                 cores is most of its gap here; single runs swing by 10–25%."
+                 transaction state, the ambient scope and a COMMIT sent as a statement whose \
+                 tag is read (an aborted transaction answers ROLLBACK), which on 2 shared cores \
+                 is most of its gap here; single runs swing by 10–25%."
             }
             Workload::ReplicaReads => {
                 "Workload 1's point selects at c=32, three ways: pgengine on the primary \

@@ -172,3 +172,31 @@ async fn statements_deallocated_unseen_are_prepared_afresh() {
     assert_eq!(again, 2);
     tx.commit().await.unwrap();
 }
+
+/// A bundle sent as one pipeline whose cached statements were deallocated unseen fails
+/// once, naming the first, and applies nothing; the caches are renewed, so the next
+/// bundle prepares afresh and succeeds.
+#[tokio::test]
+async fn a_bundle_whose_statements_were_deallocated_unseen_fails_once() {
+    let (_db, engine) = crate::common::engine_with(1).await;
+    engine
+        .run_ddl("CREATE TABLE band (name text)")
+        .await
+        .unwrap();
+    let bundle = |name: &'static str| {
+        vec![
+            sql!("INSERT INTO band VALUES ({})", name),
+            sql!("SELECT * FROM band WHERE name <> {}", "z"),
+        ]
+    };
+    assert_eq!(engine.fetch(bundle("a")).await.unwrap().len(), 1);
+    engine
+        .execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$")
+        .await
+        .unwrap();
+    let gone = engine.fetch(bundle("b")).await.unwrap_err();
+    assert_eq!(gone.code(), Some("26000"), "{gone}");
+    assert_eq!(gone.statement().map(|failed| failed.index), Some(0));
+    assert_eq!(crate::common::band_names(&engine).await, ["a"]);
+    assert_eq!(engine.fetch(bundle("c")).await.unwrap().len(), 2);
+}

@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio_postgres::{PipelineResult, PipelineStatement};
-
 use crate::config::EngineSettings;
 use crate::error::{Error, Result};
 use crate::multiplex::Multiplexer;
@@ -146,12 +144,8 @@ impl EngineContext {
     async fn run_commit(&self, connection: &Connection) -> Result<()> {
         let sql = Finish::Commit.sql();
         let request = connection.guarded(async {
-            let answer = connection
-                .client()
-                .pipeline(&[PipelineStatement::Unnamed(sql, &[])])
-                .await
-                .map_err(|failure| Error::from(failure.into_error()))?;
-            match answer.first().and_then(PipelineResult::command_tag) {
+            let tag = connection.client().batch_execute_tag(sql).await?;
+            match tag.as_deref() {
                 Some("COMMIT") => Ok(()),
                 tag => Err(Error::transaction(format!(
                     "cannot commit: an earlier error aborted the transaction, so the server \

@@ -310,3 +310,33 @@ async fn a_dropped_execute_many_applies_every_row_or_none() {
     assert!(dropped > 0, "no request was dropped before its answer");
     common::assert_sessions_clean(&db).await;
 }
+
+#[tokio::test]
+async fn the_driver_reads_a_simple_batchs_last_command_tag() {
+    let (_db, engine) = common::engine().await;
+    let tags = engine
+        .with_client(|client| {
+            Box::pin(async move {
+                let mut tags = Vec::new();
+                for batch in [
+                    "BEGIN; CREATE TEMP TABLE tagged (id int); COMMIT",
+                    "BEGIN; SELECT 1/0",
+                    "COMMIT", // of the transaction the error aborted
+                    "SELECT 1; INSERT INTO tagged VALUES (1), (2)",
+                    "",
+                ] {
+                    tags.push(client.batch_execute_tag(batch).await.map_err(|error| {
+                        error.as_db_error().map(|db| db.code().code().to_owned())
+                    }));
+                }
+                Ok::<_, pgengine::Error>(tags)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(tags[0], Ok(Some("COMMIT".to_owned())));
+    assert_eq!(tags[1], Err(Some("22012".to_owned())), "division by zero");
+    assert_eq!(tags[2], Ok(Some("ROLLBACK".to_owned())));
+    assert_eq!(tags[3], Ok(Some("INSERT 0 2".to_owned())));
+    assert_eq!(tags[4], Ok(None));
+}

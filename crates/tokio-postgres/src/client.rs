@@ -709,6 +709,13 @@ impl Client {
         simple_query::batch_execute(self.inner(), query).await
     }
 
+    /// Like [`batch_execute`](Self::batch_execute), and returns the command tag of the
+    /// last statement (`None` for an empty query string): `"COMMIT"`, say, or
+    /// `"ROLLBACK"` for the `COMMIT` of a transaction that an error had aborted.
+    pub async fn batch_execute_tag(&self, query: &str) -> Result<Option<String>, Error> {
+        simple_query::batch_execute_tag(self.inner(), query).await
+    }
+
     /// Check that the connection is alive and wait for the confirmation.
     pub async fn check_connection(&self) -> Result<(), Error> {
         // sync is a very quick message to test the connection health.

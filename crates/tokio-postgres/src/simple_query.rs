@@ -61,6 +61,26 @@ pub async fn batch_execute(client: &InnerClient, query: &str) -> Result<(), Erro
     }
 }
 
+pub async fn batch_execute_tag(client: &InnerClient, query: &str) -> Result<Option<String>, Error> {
+    debug!("executing statement batch for its tag: {query}");
+
+    let buf = encode(client, query)?;
+    let mut responses = client.send(RequestMessages::Single(FrontendMessage::Raw(buf)))?;
+
+    let mut tag = None;
+    loop {
+        match responses.next().await? {
+            Message::ReadyForQuery(_) => return Ok(tag),
+            Message::CommandComplete(body) => {
+                tag = Some(body.tag().map_err(Error::parse)?.to_owned());
+            }
+            Message::EmptyQueryResponse => tag = None,
+            Message::RowDescription(_) | Message::DataRow(_) => {}
+            _ => return Err(Error::unexpected_message()),
+        }
+    }
+}
+
 fn encode(client: &InnerClient, query: &str) -> Result<Bytes, Error> {
     client.with_buf(|buf| {
         frontend::query(query, buf).map_err(Error::encode)?;

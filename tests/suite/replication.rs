@@ -61,6 +61,17 @@ async fn wait_for_rows(executor: &impl Executor, n: i64) {
     }
 }
 
+/// Waits (at most 10 s) until the standby that `executor` reaches has replayed all the WAL
+/// it received: its replay lag is zero.
+async fn wait_caught_up(executor: &impl Executor) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sql = "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()";
+    while !executor.fetch_one(sql).await.unwrap().get::<_, bool>(0) {
+        assert!(Instant::now() < deadline, "the standby never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A named node runs queries, batches, atomics and read-only transactions on the
 /// standby, which sees the primary's rows and refuses writes (25006); an unknown name is
 /// `None`; closing the engine's pool closes the node's.
@@ -355,6 +366,9 @@ async fn read_only_work_goes_to_a_fit_replica_else_the_primary() {
             .await
             .unwrap()
     };
+    // (A standby still replaying what it received, as just after it started, lags.)
+    let on_standby = engine_on(&standby.url()).await;
+    wait_caught_up(&on_standby).await;
     assert!(read_only_on_replica().await);
     assert!(in_recovery(&engine.replica().await).await);
     assert!(!in_recovery(&engine).await);
@@ -381,7 +395,6 @@ async fn read_only_work_goes_to_a_fit_replica_else_the_primary() {
     );
 
     // Replay paused while the primary writes: the replica lags, reads go to the primary.
-    let on_standby = engine_on(&standby.url()).await;
     on_standby
         .fetch("SELECT pg_wal_replay_pause()")
         .await
@@ -406,6 +419,7 @@ async fn read_only_work_goes_to_a_fit_replica_else_the_primary() {
         .unwrap();
     wait_for_rows(&on_standby, 1).await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
+    wait_caught_up(&on_standby).await;
     assert!(
         read_only_on_replica().await,
         "a replica that caught up is used again"

@@ -340,15 +340,20 @@ impl Connection {
 
     /// Cancels the abandoned request and returns `true` once the server has acted on
     /// it (see [`Canceller`]); `false` when that cannot be known, and the connection must
-    /// not be used again.
-    pub(crate) async fn cancel_unfinished_request(&self) -> bool {
+    /// not be used again. (Boxed: a cancel opens a connection of its own, kilobytes of
+    /// state that every transaction's end, which may need it, would otherwise carry.)
+    pub(crate) fn cancel_unfinished_request(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         let object = self
             .object
             .as_ref()
             .expect("a connection holds its object until dropped");
-        (self.shared.canceller)
-            .cancel(&object.cancel_token(), object.server())
-            .await
+        Box::pin(async move {
+            (self.shared.canceller)
+                .cancel(&object.cancel_token(), object.server())
+                .await
+        })
     }
 
     /// Marks a request as started on this connection: if the returned guard is dropped

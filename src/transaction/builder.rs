@@ -445,7 +445,10 @@ impl<Attempts> TransactionBuilder<Attempts> {
         let engine_id = self.context.id;
         let mut attempt = 1;
         loop {
-            let tx = self.begin_outermost(attempt).await?;
+            // Boxed: the pool's checkout is most of this future, needed only until BEGIN is
+            // answered (each box of these futures stays small enough for the allocator's
+            // per-thread cache).
+            let tx = Box::pin(self.begin_outermost(attempt)).await?;
             // Boxed: the body's future is large, and this one would copy it whole at
             // each move; a box is moved as a pointer.
             let body = start_body(next_body(), &tx);
@@ -597,8 +600,11 @@ impl<Attempts> TransactionBuilder<Attempts> {
     /// own.
     async fn begin_outermost(&self, attempt: u32) -> Result<PostgresTransaction> {
         // Read-only work goes to a read replica when one is fit.
+        // (Boxed: routing is rare, and its state would make every begin's future larger.)
         let routed = match self.read_only {
-            Some(true) => self.context.replica_for_reads().await,
+            Some(true) if !self.context.replicas.is_empty() => {
+                Box::pin(self.context.replica_for_reads()).await
+            }
             _ => None,
         };
         let (context, connection) = match routed {

@@ -254,6 +254,12 @@ impl Connection {
         self.statements().forget(sql);
     }
 
+    /// Empties this connection's statement cache: the server no longer has its
+    /// statements (deallocated where the engine could not see it).
+    pub(crate) fn forget_all_statements(&self) {
+        self.statements().forget_all();
+    }
+
     /// Runs `sql` with its rows (see [`StatementCache`]).
     pub(crate) async fn query_rows(
         &self,

@@ -75,6 +75,12 @@ impl Recency {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.by_sql.remove(sql);
     }
+
+    /// Forgets every statement.
+    fn forget_all(&self) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.by_sql.clear();
+    }
 }
 
 /// The statement cache of one connection, as a view for one use: its capacity, its
@@ -126,6 +132,11 @@ impl<'a> StatementCache<'a> {
     /// Drops `sql` from the statement cache.
     pub(crate) fn forget(&self, sql: &str) {
         self.recency.forget(sql);
+    }
+
+    /// Empties this connection's statement cache (the other connections keep theirs).
+    pub(crate) fn forget_all(&self) {
+        self.recency.forget_all();
     }
 
     /// Runs `sql` with its rows: prepared (cache) or unnamed (capacity 0).

@@ -473,8 +473,9 @@ impl Runner {
     /// statement that outlived its table's shape (SQLSTATE 0A000, "cached plan must not
     /// change result type") is dropped alone; a statement the server no longer has
     /// (26000: deallocated where the engine could not see, such as `DEALLOCATE ALL` run
-    /// by a function) means any of the connection's may be gone, so the caches are
-    /// renewed as after a schema change.
+    /// by a function) means any of the connection's may be gone, so its cache is
+    /// emptied (the other connections' statements stand: a session deallocates only its
+    /// own).
     fn forget_if_stale(&self, sql: &str, error: &Error) -> bool {
         use tokio_postgres::error::SqlState;
         let Some(db) = error.database_error() else {
@@ -487,7 +488,7 @@ impl Runner {
         } else if db.code == SqlState::INVALID_SQL_STATEMENT_NAME.code()
             && connection.caches_statements()
         {
-            connection.schema_may_have_changed();
+            connection.forget_all_statements();
             true
         } else {
             false

@@ -116,6 +116,37 @@ async fn ddl_run_elsewhere_needs_clear_statement_cache() {
     assert_eq!(columns_on_both(&engine, "SELECT * FROM band").await, [3, 3]);
 }
 
+/// Statements deallocated unseen on one connection are prepared afresh there alone: the
+/// other connections keep theirs (the same server-side statements, not re-prepared).
+#[tokio::test]
+async fn statements_deallocated_unseen_are_renewed_on_their_connection_alone() {
+    let (_db, engine) = crate::common::engine_with(2).await;
+    let prepared = "SELECT name FROM pg_prepared_statements ORDER BY name";
+    let names = async |tx: &pgengine::PostgresTransaction| -> Vec<String> {
+        let two: i32 = tx.fetch_one("SELECT 1 + 1").await.unwrap().get(0);
+        assert_eq!(two, 2);
+        let rows = tx.fetch(prepared).await.unwrap();
+        rows.iter().map(|row| row.get(0)).collect()
+    };
+    // One connection held by a transaction, the other used by the engine meanwhile.
+    let held = engine.begin().await.unwrap();
+    let before = names(&held).await;
+    assert!(before.len() >= 2, "{before:?}");
+    let two = async || -> i32 { engine.fetch_one("SELECT 1 + 1").await.unwrap().get(0) };
+    assert_eq!(two().await, 2);
+    engine
+        .execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$")
+        .await
+        .unwrap();
+    assert_eq!(two().await, 2, "prepared afresh on the other connection");
+    assert_eq!(
+        names(&held).await,
+        before,
+        "the held connection's statements stand"
+    );
+    held.commit().await.unwrap();
+}
+
 /// A bundle sent as one pipeline whose cached statement went stale (DDL run
 /// elsewhere) fails once, naming it, and drops it from the cache: the next bundle
 /// prepares it afresh and succeeds.
@@ -174,8 +205,8 @@ async fn statements_deallocated_unseen_are_prepared_afresh() {
 }
 
 /// A bundle sent as one pipeline whose cached statements were deallocated unseen fails
-/// once, naming the first, and applies nothing; the caches are renewed, so the next
-/// bundle prepares afresh and succeeds.
+/// once, naming the first, and applies nothing; the connection's cache is emptied, so the
+/// next bundle prepares afresh and succeeds.
 #[tokio::test]
 async fn a_bundle_whose_statements_were_deallocated_unseen_fails_once() {
     let (_db, engine) = crate::common::engine_with(1).await;

@@ -65,7 +65,7 @@ async fn wait_for_rows(executor: &impl Executor, n: i64) {
 /// it received: its replay lag is zero.
 async fn wait_caught_up(executor: &impl Executor) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let sql = "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()";
+    let sql = "SELECT coalesce(pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn(), false)";
     while !executor.fetch_one(sql).await.unwrap().get::<_, bool>(0) {
         assert!(Instant::now() < deadline, "the standby never caught up");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -710,7 +710,7 @@ impl Client {
     }
 
     /// Like [`batch_execute`](Self::batch_execute), and returns the command tag of the
-    /// last statement (`None` for an empty query string): `"COMMIT"`, say, or
+    /// last statement (`None` when the string holds no statement): `"COMMIT"`, say, or
     /// `"ROLLBACK"` for the `COMMIT` of a transaction that an error had aborted.
     pub async fn batch_execute_tag(&self, query: &str) -> Result<Option<String>, Error> {
         simple_query::batch_execute_tag(self.inner(), query).await

@@ -20,9 +20,7 @@ use crate::query::{encode_bind, encode_bind_raw, extract_row_affected};
 use crate::types::{ToSql, Type};
 use crate::{Column, Error, Row, Statement};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::message::backend::{
-    CommandCompleteBody, DataRowBody, Message, RowDescriptionBody,
-};
+use postgres_protocol::message::backend::{DataRowBody, Message, RowDescriptionBody};
 use postgres_protocol::message::frontend;
 use std::fmt;
 use std::sync::Arc;
@@ -41,8 +39,6 @@ pub enum PipelineStatement<'a> {
 pub struct PipelineResult {
     rows: Vec<Row>,
     rows_affected: u64,
-    /// The `CommandComplete` message (`None` for an empty query).
-    completed: Option<CommandCompleteBody>,
 }
 
 impl fmt::Debug for PipelineResult {
@@ -50,7 +46,6 @@ impl fmt::Debug for PipelineResult {
         f.debug_struct("PipelineResult")
             .field("rows", &self.rows.len())
             .field("rows_affected", &self.rows_affected)
-            .field("command_tag", &self.command_tag())
             .finish()
     }
 }
@@ -69,12 +64,6 @@ impl PipelineResult {
     /// The rows the statement affected (its command tag's count; 0 when it has none).
     pub fn rows_affected(&self) -> u64 {
         self.rows_affected
-    }
-
-    /// The statement's command tag (`INSERT 0 1`, `COMMIT`, …): `None` for an empty
-    /// query. A `COMMIT` of a transaction that an error aborted answers `ROLLBACK`.
-    pub fn command_tag(&self) -> Option<&str> {
-        self.completed.as_ref()?.tag().ok()
     }
 }
 
@@ -178,11 +167,10 @@ pub(crate) async fn run(
             },
             Message::CommandComplete(body) => {
                 let rows_affected = extract_row_affected(&body).map_err(PipelineError::whole)?;
-                let answer = (rows_affected, Some(body));
-                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, answer);
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, rows_affected);
             }
             Message::EmptyQueryResponse => {
-                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, (0, None));
+                finish(&mut results, &mut untyped, &mut described, &mut rows, &mut bodies, 0);
             }
             Message::ReadyForQuery(_) if results.len() == statements.len() => break,
             _ => return Err(PipelineError::whole(Error::unexpected_message())),
@@ -218,7 +206,7 @@ fn finish(
     described: &mut Option<RowDescriptionBody>,
     rows: &mut Vec<Row>,
     bodies: &mut Vec<DataRowBody>,
-    (rows_affected, completed): (u64, Option<CommandCompleteBody>),
+    rows_affected: u64,
 ) {
     if let Some(description) = described.take() {
         untyped.push(Untyped {
@@ -230,7 +218,6 @@ fn finish(
     results.push(PipelineResult {
         rows: std::mem::take(rows),
         rows_affected,
-        completed,
     });
 }
 

@@ -215,29 +215,32 @@ pub trait Executor: sealed::Sealed + Sync {
     /// error's [`statement`](crate::Error::statement) index is the row's) and no row is
     /// applied; a row with the wrong number of values is an
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error before anything is sent.
+    /// A row is anything that holds its values as a slice: an array made on the fly, a
+    /// `Vec`, or a slice borrowed from elsewhere.
     ///
     /// ```
     /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// use pgengine::types::ToSql;
     /// let bands = [("Gophers", 3000), ("Crabs", 500)];
-    /// let rows: Vec<[&(dyn ToSql + Sync); 2]> = bands.iter().map(|(n, p)| [n as _, p as _]).collect();
     /// let inserted = engine
     ///     .execute_many(
     ///         "INSERT INTO band (name, popularity) VALUES ($1, $2)",
-    ///         rows.iter().map(|row| &row[..]),
+    ///         bands.iter().map(|(n, p)| [n as &(dyn ToSql + Sync), p as _]),
     ///     )
     ///     .await?;
     /// assert_eq!(inserted, 2);
     /// # Ok(()) });
     /// ```
-    fn execute_many<'a, I>(&self, sql: &str, rows: I) -> impl Future<Output = Result<u64>> + Send
+    fn execute_many<'a, I, R>(&self, sql: &str, rows: I) -> impl Future<Output = Result<u64>> + Send
     where
-        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]> + Send,
+        I: IntoIterator<Item = R> + Send,
         I::IntoIter: Send,
+        R: AsRef<[&'a (dyn ToSql + Sync)]> + Send,
     {
         async move {
-            let rows: Vec<_> = rows.into_iter().collect();
+            let rows: Vec<R> = rows.into_iter().collect();
+            let rows: Vec<&[&(dyn ToSql + Sync)]> = rows.iter().map(AsRef::as_ref).collect();
             self.runner().await?.execute_many(sql, &rows).await
         }
     }
@@ -280,32 +283,34 @@ pub trait Executor: sealed::Sealed + Sync {
     /// of values of the column `types`, in order), and returns the number of rows
     /// copied: the fastest way to load many rows. A row of the wrong length is an
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error, and nothing is copied.
+    /// Rows are read as they are sent: an iterator that makes each row (an array of
+    /// borrowed values, say) holds no more than one in memory.
     ///
     /// ```
     /// # pgengine_testing::doctest(async |engine| {
     /// use pgengine::prelude::*;
     /// use pgengine::types::{ToSql, Type};
     /// let bands = [("Gophers", 3000), ("Crabs", 500)];
-    /// let rows: Vec<[&(dyn ToSql + Sync); 2]> = bands.iter().map(|(n, p)| [n as _, p as _]).collect();
     /// let copied = engine
     ///     .copy_in_rows(
     ///         "COPY band (name, popularity) FROM STDIN (FORMAT binary)",
     ///         &[Type::TEXT, Type::INT4],
-    ///         rows.iter().map(|row| &row[..]),
+    ///         bands.iter().map(|(n, p)| [n as &(dyn ToSql + Sync), p as _]),
     ///     )
     ///     .await?;
     /// assert_eq!(copied, 2);
     /// # Ok(()) });
     /// ```
-    fn copy_in_rows<'a, I>(
+    fn copy_in_rows<'a, I, R>(
         &self,
         sql: &str,
         types: &[Type],
         rows: I,
     ) -> impl Future<Output = Result<u64>> + Send
     where
-        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]> + Send,
+        I: IntoIterator<Item = R> + Send,
         I::IntoIter: Send,
+        R: AsRef<[&'a (dyn ToSql + Sync)]> + Send,
     {
         async move { self.runner().await?.copy_in_rows(sql, types, rows).await }
     }

@@ -57,15 +57,16 @@ impl Runner {
 
     /// Runs `sql` (a `COPY … FROM STDIN (FORMAT binary)`) with `rows`, each of the
     /// column `types`; returns the rows copied.
-    pub(crate) async fn copy_in_rows<'a, I>(
+    pub(crate) async fn copy_in_rows<'a, I, R>(
         &self,
         sql: &str,
         types: &[Type],
         rows: I,
     ) -> Result<u64>
     where
-        I: IntoIterator<Item = &'a [&'a (dyn ToSql + Sync)]>,
+        I: IntoIterator<Item = R>,
         I::IntoIter: Send,
+        R: AsRef<[&'a (dyn ToSql + Sync)]> + Send,
     {
         let result = async {
             let _permit = self.admit().await?;
@@ -76,6 +77,7 @@ impl Runner {
                     let sink = connection.client().copy_in(sql).await?;
                     let mut writer = pin!(BinaryCopyInWriter::new(sink, types));
                     for row in rows {
+                        let row = row.as_ref();
                         if row.len() != types.len() {
                             return Err(Error::invalid_input(format!(
                                 "a COPY row has {} values for {} columns",

@@ -59,6 +59,37 @@ async fn csv_text_and_binary_rows_are_copied() {
     assert_eq!(popularity, Some(9_999));
 }
 
+/// Rows made on the fly from an iterator (arrays of borrowed values, nothing collected
+/// first), in a spawned task as a service's handler runs.
+#[tokio::test]
+async fn copy_in_rows_takes_rows_made_on_the_fly_in_a_spawned_task() {
+    let (_db, engine) = engine_with_band(1).await;
+    let copied = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            let bands: Vec<(String, i32)> = (0..1_000).map(|i| (format!("band {i}"), i)).collect();
+            engine
+                .copy_in_rows(
+                    "COPY band FROM STDIN (FORMAT binary)",
+                    &[Type::TEXT, Type::INT4],
+                    bands
+                        .iter()
+                        .map(|(name, n)| [name as &(dyn ToSql + Sync), n]),
+                )
+                .await
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(copied, 1_000);
+    let (count, sum): (i64, i64) = engine
+        .fetch_one_as("SELECT count(*), sum(popularity) FROM band")
+        .await
+        .unwrap();
+    assert_eq!((count, sum), (1_000, 499_500));
+}
+
 #[tokio::test]
 async fn copy_joins_the_transaction_explicit_or_ambient() {
     let (_db, engine) = engine_with_band(2).await;

@@ -184,6 +184,36 @@ async fn execute_many_inserts_every_row() {
     assert_eq!(none, 0);
 }
 
+/// Rows made on the fly (arrays of borrowed values, nothing collected first), in a
+/// spawned task as a service's handler runs.
+#[tokio::test]
+async fn execute_many_takes_rows_made_on_the_fly_in_a_spawned_task() {
+    let (_db, engine) = common::engine().await;
+    create_item(&engine).await;
+    let rows = items(1..=100);
+    let inserted = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .execute_many(
+                    INSERT_ITEM,
+                    rows.iter()
+                        .map(|(id, label)| [id as &(dyn ToSql + Sync), label]),
+                )
+                .await
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(inserted, 100);
+    let (count, sum): (i64, i64) = engine
+        .fetch_one_as("SELECT count(*), sum(id) FROM item")
+        .await
+        .unwrap();
+    assert_eq!((count, sum), (100, 5050));
+}
+
 #[tokio::test]
 async fn execute_many_names_the_failing_row_and_applies_none() {
     let (db, engine) = common::engine().await;

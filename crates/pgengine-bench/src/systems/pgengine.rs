@@ -163,11 +163,8 @@ impl Session for PgengineSession {
             Call::EmptyTx => engine.begin().await?.commit().await?,
             Call::BulkInsert => {
                 let values: Vec<i32> = (0..BULK_ROWS).collect();
-                let rows: Vec<[&(dyn ToSql + Sync); 2]> =
-                    values.iter().map(|i| [i as _, &"x" as _]).collect();
-                let inserted = engine
-                    .execute_many(sql::BULK_INSERT, rows.iter().map(|row| &row[..]))
-                    .await?;
+                let rows = values.iter().map(|i| [i as &(dyn ToSql + Sync), &"x"]);
+                let inserted = engine.execute_many(sql::BULK_INSERT, rows).await?;
                 anyhow::ensure!(inserted == BULK_ROWS as u64, "inserted {inserted}");
             }
         }
@@ -201,11 +198,7 @@ pub async fn copy_in(url: &str, rows: &[(i32, String)]) -> Result<(u64, std::tim
         .copy_in_rows(
             "COPY bench_copy (a, b) FROM STDIN (FORMAT binary)",
             &[Type::INT4, Type::TEXT],
-            rows.iter()
-                .map(|(a, b)| [a as &(dyn ToSql + Sync), b as _])
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|row| &row[..]),
+            rows.iter().map(|(a, b)| [a as &(dyn ToSql + Sync), b as _]),
         )
         .await?;
     let took = started.elapsed();

@@ -419,11 +419,12 @@ impl Report {
                  the UPDATEs of the 10 `pgbench_branches` rows at scale 10 contend on row locks, \
                  which serializes part of the work and narrows the differences between clients. \
                  The Rust clients' own work per transaction differs (count it with the \
-                 `client-cost` subcommand under callgrind): pgengine spends about 123,500 \
-                 instructions per transaction where tokio-postgres spends 99,000 and deadpool \
-                 104,700 — its transaction state (the admission and turn that keep concurrent \
-                 requests of one transaction in order), the ambient scope, the statement cache \
-                 and the COMMIT whose tag is read — and on 2 shared cores each microsecond the client spends is \
+                 `client-cost` subcommand under callgrind): pgengine spends about 116,000 \
+                 instructions per transaction where tokio-postgres spends 95,600 and deadpool \
+                 102,100 — its transaction state (the admission and turn that keep concurrent \
+                 requests of one transaction in order), the ambient scope, the boxed body that \
+                 keeps nested transactions' frames small, and the statement cache — and on 2 \
+                 shared cores each microsecond the client spends is \
                  one the server does not get, while a slower client also holds the branch row \
                  locks longer: that is pgengine's gap here. pgbench's lead is client CPU too: \
                  libpq spends fewer than tokio's wake-ups. Single runs on this machine swing by \
@@ -503,11 +504,11 @@ impl Report {
                 "BEGIN; COMMIT; at c=16. The server assigns no transaction id and writes no WAL, \
                  so this is pure client and protocol overhead: two round trips per transaction, \
                  pool checkout and connection-state bookkeeping. pgbench's lead is client CPU, as \
-                 in workload 2. pgengine's transaction costs about 30,500 client instructions \
-                 against deadpool's 26,400 (callgrind, `client-cost --workload empty-tx`): its \
-                 transaction state, the ambient scope and a COMMIT sent as a statement whose \
-                 tag is read (an aborted transaction answers ROLLBACK), which on 2 shared cores \
-                 is most of its gap here; single runs swing by 10–25%."
+                 in workload 2. pgengine's transaction costs about 27,300 client instructions \
+                 against deadpool's 25,200 (callgrind, `client-cost --workload empty-tx`): its \
+                 transaction state and the COMMIT whose tag is read (an aborted transaction \
+                 answers ROLLBACK; it goes over the simple protocol, as deadpool's does), which \
+                 on 2 shared cores is most of its gap here; single runs swing by 10–25%."
             }
             Workload::ReplicaReads => {
                 "Workload 1's point selects at c=32, three ways: pgengine on the primary \

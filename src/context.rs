@@ -103,6 +103,13 @@ impl EngineContext {
         if self.replicas.is_empty() {
             return None;
         }
+        // Boxed: routing is rare, and its state (checkouts, a lag query) would make the
+        // future of every read-only begin larger.
+        Box::pin(self.pick_replica()).await
+    }
+
+    /// A fit read replica of the engine's (it has some) and a connection to it.
+    async fn pick_replica(&self) -> Option<(Arc<EngineContext>, Connection)> {
         let pools: Vec<&ConnectionPool> = self.replicas.iter().map(|r| &r.pool).collect();
         let (index, connection) = self.routing.pick(&pools).await?;
         Some((self.replicas[index].clone(), connection))

@@ -236,11 +236,10 @@ pub trait Executor: sealed::Sealed + Sync {
     where
         I: IntoIterator<Item = R> + Send,
         I::IntoIter: Send,
-        R: AsRef<[&'a (dyn ToSql + Sync)]> + Send,
+        R: AsRef<[&'a (dyn ToSql + Sync)]> + Send + Sync,
     {
         async move {
             let rows: Vec<R> = rows.into_iter().collect();
-            let rows: Vec<&[&(dyn ToSql + Sync)]> = rows.iter().map(AsRef::as_ref).collect();
             self.runner().await?.execute_many(sql, &rows).await
         }
     }

@@ -356,10 +356,10 @@ impl Runner {
 
     /// Runs `sql` once for each of `rows`, in one transaction, as one pipeline (see
     /// [`Executor::execute_many`](crate::Executor::execute_many)).
-    pub(crate) async fn execute_many(
+    pub(crate) async fn execute_many<'a>(
         &self,
         sql: &str,
-        rows: &[&[&(dyn ToSql + Sync)]],
+        rows: &[impl AsRef<[&'a (dyn ToSql + Sync)]> + Sync],
     ) -> Result<u64> {
         pipeline::run_many(self, sql, rows).await
     }

@@ -173,10 +173,10 @@ fn bindable<'q>(
 /// runner's, or its own), as one pipeline with one `Sync`: one statement prepared, a
 /// `Bind`/`Execute` per row. Returns the rows affected, summed. A failure names the
 /// row (as the failing statement's index) and applies none.
-pub(crate) async fn run_many(
+pub(crate) async fn run_many<'a>(
     runner: &Runner,
     sql: &str,
-    rows: &[&[&(dyn ToSql + Sync)]],
+    rows: &[impl AsRef<[&'a (dyn ToSql + Sync)]> + Sync],
 ) -> Result<u64> {
     if rows.is_empty() {
         return Ok(0);
@@ -196,6 +196,7 @@ pub(crate) async fn run_many(
                 .iter()
                 .enumerate()
                 .map(|(index, params)| {
+                    let params = params.as_ref();
                     if let Some(expected) = prepared.as_ref().map(|p| p.params().len())
                         && params.len() != expected
                     {

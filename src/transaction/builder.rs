@@ -600,11 +600,8 @@ impl<Attempts> TransactionBuilder<Attempts> {
     /// own.
     async fn begin_outermost(&self, attempt: u32) -> Result<PostgresTransaction> {
         // Read-only work goes to a read replica when one is fit.
-        // (Boxed: routing is rare, and its state would make every begin's future larger.)
         let routed = match self.read_only {
-            Some(true) if !self.context.replicas.is_empty() => {
-                Box::pin(self.context.replica_for_reads()).await
-            }
+            Some(true) => self.context.replica_for_reads().await,
             _ => None,
         };
         let (context, connection) = match routed {

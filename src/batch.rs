@@ -14,7 +14,7 @@ use tracing::{Instrument, Span};
 use crate::error::{Error, Result};
 use crate::from_row::FromRow;
 use crate::query::{CompiledQuery, Query};
-use crate::runner::{Runner, compile};
+use crate::runner::Runner;
 use crate::telemetry;
 
 /// The largest `batch_size` (a larger one is an `InvalidInput` error): far more rows than
@@ -108,7 +108,7 @@ impl AsyncBatch {
                 statements.len()
             )));
         };
-        let statement = compile(statement)?;
+        let statement = statement.compile()?;
         let mut runner = runner.await?;
         let span =
             runner

@@ -11,6 +11,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use deadpool_postgres::{ClientWrapper, Connect};
@@ -72,6 +73,9 @@ struct SessionParts {
     server: Option<Arc<ServerAddress>>,
     /// Lives as long as the session (its statements are closed with it).
     statements: Recency,
+    /// When the pool last handed the session out (or opened it), on
+    /// [`lifecycle::coarse_now`]'s clock.
+    handed_out_at: Duration,
 }
 
 impl std::fmt::Debug for Session {
@@ -90,7 +94,16 @@ impl Session {
             client,
             server,
             statements: Recency::default(),
+            handed_out_at: lifecycle::coarse_now(),
         }))
+    }
+
+    /// Records that the pool hands the session out again, and returns how long it was
+    /// idle: since it was last handed out, or opened.
+    fn handed_out_again(&mut self) -> Duration {
+        let now = lifecycle::coarse_now();
+        let before = std::mem::replace(&mut self.0.handed_out_at, now);
+        now.saturating_sub(before)
     }
 
     /// The statements prepared on this session (see
@@ -271,7 +284,9 @@ impl managed::Manager for ServerConnector {
         session: &mut Session,
         metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
-        if let Some(check) = lifecycle::recycle(session, metrics, &self.lifecycle, &self.counters)?
+        let idle = session.handed_out_again();
+        if let Some(check) =
+            lifecycle::recycle(session, metrics, idle, &self.lifecycle, &self.counters)?
         {
             check.await?;
         }

@@ -11,7 +11,7 @@ use crate::copy_out::{CopyOut, CopyOutRows};
 use crate::error::{Error, ErrorKind, Result};
 use crate::from_row::FromRow;
 use crate::query::{Query, QueryString};
-use crate::runner::{FirstRow, compile_all};
+use crate::runner::{Answer, FirstRow, compile_all};
 
 pub(crate) mod sealed {
     use crate::error::Result;
@@ -70,11 +70,7 @@ pub trait Executor: sealed::Sealed + Sync {
     /// # Ok(()) });
     /// ```
     fn fetch<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Vec<Row>>> + Send {
-        async move {
-            let statements = query.into_statements();
-            let compiled = compile_all(&statements)?;
-            self.runner_for(&compiled).await?.fetch(&compiled).await
-        }
+        run(self, query)
     }
 
     /// Runs the query and returns its only row; no row is [`ErrorKind::RowNotFound`],
@@ -88,7 +84,7 @@ pub trait Executor: sealed::Sealed + Sync {
     /// ```
     fn fetch_one<Q: Query>(&self, query: Q) -> impl Future<Output = Result<Row>> + Send {
         async move {
-            let first = fetch_first(self, query).await?;
+            let first: FirstRow = run(self, query).await?;
             match first.count {
                 1 => Ok(first.row.expect("one row")),
                 0 => Err(Error::new(
@@ -117,7 +113,7 @@ pub trait Executor: sealed::Sealed + Sync {
         query: Q,
     ) -> impl Future<Output = Result<Option<Row>>> + Send {
         async move {
-            let first = fetch_first(self, query).await?;
+            let first: FirstRow = run(self, query).await?;
             match first.count {
                 0 | 1 => Ok(first.row),
                 n => Err(Error::new(
@@ -200,11 +196,7 @@ pub trait Executor: sealed::Sealed + Sync {
     /// # Ok(()) });
     /// ```
     fn execute<Q: Query>(&self, query: Q) -> impl Future<Output = Result<u64>> + Send {
-        async move {
-            let statements = query.into_statements();
-            let compiled = compile_all(&statements)?;
-            self.runner_for(&compiled).await?.execute(&compiled).await
-        }
+        run(self, query)
     }
 
     /// Runs `sql`, one statement, once for each of `rows` (its parameters, in `$n`
@@ -425,14 +417,20 @@ pub trait Executor: sealed::Sealed + Sync {
     }
 }
 
-/// Runs the query for its first row and its count of rows, as
-/// [`fetch`](Executor::fetch) would (see [`FirstRow`]).
-async fn fetch_first<E: Executor + ?Sized, Q: Query>(executor: &E, query: Q) -> Result<FirstRow> {
+/// Runs the query where `executor` says, for the answer `A` (its rows, its first row
+/// and count of rows, or the rows it affected): one statement as a prepared request,
+/// several in one transaction, pipelined.
+async fn run<E, Q, A>(executor: &E, query: Q) -> Result<A>
+where
+    E: Executor + ?Sized,
+    Q: Query,
+    A: Answer,
+{
     let statements = query.into_statements();
     let compiled = compile_all(&statements)?;
-    executor
-        .runner_for(&compiled)
-        .await?
-        .fetch_first(&compiled)
-        .await
+    let runner = executor.runner_for(&compiled).await?;
+    match &*compiled {
+        [one] => runner.prepared(one.sql(), one.params()).await,
+        many => runner.pipelined(many).await,
+    }
 }

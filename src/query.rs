@@ -216,9 +216,15 @@ impl QueryString {
         sql: &'static str,
         args: [Arg; N],
     ) -> Self {
+        // Pushed one by one: `collect` into the small vector costs several times more
+        // for the few arguments a query has (this runs for every `sql!` query).
+        let mut held = Args::new();
+        for arg in args {
+            held.push(arg);
+        }
         Self {
             template: Cow::Borrowed(template),
-            args: args.into_iter().collect(),
+            args: held,
             raw: false,
             precompiled: Some(sql),
         }
@@ -284,30 +290,23 @@ impl QueryString {
     /// Compiles to SQL with `$1..$n` and the parameters in order.
     ///
     /// A placeholder count that differs from the argument count is an
-    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error naming both counts.
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) error naming both counts, and so
+    /// is a statement of more than 65,535 parameters (the protocol's limit).
     ///
     /// ```
     /// let err = pgengine::QueryString::new("SELECT {}, {}").arg(1).compile().unwrap_err();
     /// assert!(err.to_string().contains("2 placeholders but 1 argument"));
     /// ```
     pub fn compile(&self) -> Result<CompiledQuery<'_>> {
-        if let Some(sql) = self.precompiled {
-            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
-            if let Some(params) = values {
-                return Ok(CompiledQuery {
-                    sql: Cow::Borrowed(sql),
-                    params,
-                });
-            }
+        if let Some(sql) = self.precompiled
+            && let Some(params) = self.values()
+        {
+            return CompiledQuery::new(Cow::Borrowed(sql), params);
         }
         if self.raw && !self.args.is_empty() {
             // Positional: the SQL already numbers its parameters.
-            let values: Option<Params<'_>> = self.args.iter().map(Arg::as_value).collect();
-            return match values {
-                Some(params) => Ok(CompiledQuery {
-                    sql: Cow::Borrowed(&self.template),
-                    params,
-                }),
+            return match self.values() {
+                Some(params) => CompiledQuery::new(Cow::Borrowed(&self.template), params),
                 None => Err(Error::invalid_input(
                     "a positional ($n) query takes values, not nested queries",
                 )),
@@ -323,10 +322,17 @@ impl QueryString {
         let mut sql = String::with_capacity(self.template.len() + 8);
         let mut params = Params::with_capacity(self.args.len());
         self.compile_into(&mut sql, &mut params)?;
-        Ok(CompiledQuery {
-            sql: Cow::Owned(sql),
-            params,
-        })
+        CompiledQuery::new(Cow::Owned(sql), params)
+    }
+
+    /// The arguments as parameters, in order; `None` when one is a nested query. (A
+    /// loop rather than `collect` into an `Option`: this runs for every query.)
+    fn values(&self) -> Option<Params<'_>> {
+        let mut params = Params::with_capacity(self.args.len());
+        for arg in &self.args {
+            params.push(arg.as_value()?);
+        }
+        Some(params)
     }
 
     /// Appends this query's SQL and parameters, nested queries spliced in. A loop with
@@ -580,17 +586,6 @@ impl<'a> Params<'a> {
     }
 }
 
-impl<'a> FromIterator<&'a (dyn ToSql + Sync)> for Params<'a> {
-    fn from_iter<I: IntoIterator<Item = &'a (dyn ToSql + Sync)>>(iter: I) -> Self {
-        let iter = iter.into_iter();
-        let mut params = Self::with_capacity(iter.size_hint().0);
-        for param in iter {
-            params.push(param);
-        }
-        params
-    }
-}
-
 impl fmt::Debug for CompiledQuery<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CompiledQuery")
@@ -600,7 +595,22 @@ impl fmt::Debug for CompiledQuery<'_> {
     }
 }
 
+/// The most parameters one statement can carry: the protocol counts them in 16 bits.
+pub(crate) const MAX_PARAMETERS: usize = u16::MAX as usize;
+
 impl<'a> CompiledQuery<'a> {
+    /// `sql` with its `params`, refusing more parameters than the protocol carries.
+    fn new(sql: Cow<'a, str>, params: Params<'a>) -> Result<Self> {
+        let count = params.len();
+        if count > MAX_PARAMETERS {
+            return Err(Error::invalid_input(format!(
+                "a statement takes at most {MAX_PARAMETERS} parameters (the protocol's limit), \
+                 this one has {count}; split it, or pass an array parameter"
+            )));
+        }
+        Ok(Self { sql, params })
+    }
+
     /// The SQL to send.
     ///
     /// ```
@@ -910,18 +920,14 @@ mod tests {
     fn params_keep_their_order_inline_and_beyond() {
         let values: Vec<i32> = (0..10).collect();
         for count in [0, 1, INLINE, INLINE + 1, 10] {
-            let pushed = {
-                let mut params = Params::with_capacity(0);
+            let pushed = |capacity| {
+                let mut params = Params::with_capacity(capacity);
                 for value in &values[..count] {
                     params.push(value as &(dyn ToSql + Sync));
                 }
                 params
             };
-            let collected: Params<'_> = values[..count]
-                .iter()
-                .map(|value| value as &(dyn ToSql + Sync))
-                .collect();
-            for params in [pushed, collected] {
+            for params in [pushed(0), pushed(count)] {
                 assert_eq!(params.len(), count);
                 let debug: Vec<String> = params
                     .as_slice()

@@ -19,6 +19,8 @@ pub(crate) struct QueryLog {
     log_responses: bool,
     log_arguments: bool,
     slow_query_threshold: Option<Duration>,
+    /// Whether anything above logs a request (one check on every request's path).
+    logs: bool,
     query_ids: AtomicU64,
     telemetry: Telemetry,
 }
@@ -33,6 +35,9 @@ impl QueryLog {
             log_responses: settings.log_responses,
             log_arguments: settings.log_arguments,
             slow_query_threshold: settings.slow_query_threshold,
+            logs: settings.log_queries
+                || settings.log_responses
+                || settings.slow_query_threshold.is_some(),
             query_ids: AtomicU64::new(1),
         }
     }
@@ -51,7 +56,7 @@ impl QueryLog {
         params: &'a [&'a (dyn ToSql + Sync)],
         parent: Option<&Span>,
     ) -> Option<Watch<'a>> {
-        let logs = self.log_queries || self.log_responses || self.slow_query_threshold.is_some();
+        let logs = self.logs;
         if !logs && !tracing::dispatcher::has_been_set() {
             return None; // no log, and no subscriber for a span: no work at all
         }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use tokio::sync::MutexGuard;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, RowStream, Statement};
@@ -30,31 +31,17 @@ use crate::transaction::state::{RequestPermit, TxShared};
 
 use pipeline::{Outcome, Want};
 
-/// The most parameters one statement can carry: the protocol counts them in 16 bits.
-pub(crate) const MAX_PARAMETERS: usize = u16::MAX as usize;
-
 /// Compiles every statement before anything is sent.
 pub(crate) fn compile_all(statements: &[QueryString]) -> Result<OneOrMany<CompiledQuery<'_>>> {
     match statements {
         [] => Err(Error::invalid_input("the query has no statement")),
-        [one] => Ok(OneOrMany::One(compile(one)?)),
+        [one] => Ok(OneOrMany::One(one.compile()?)),
         many => Ok(OneOrMany::Many(
-            many.iter().map(compile).collect::<Result<_>>()?,
+            many.iter()
+                .map(QueryString::compile)
+                .collect::<Result<_>>()?,
         )),
     }
-}
-
-/// Compiles one statement, refusing more parameters than the protocol carries.
-pub(crate) fn compile(statement: &QueryString) -> Result<CompiledQuery<'_>> {
-    let compiled = statement.compile()?;
-    let count = compiled.params().len();
-    if count > MAX_PARAMETERS {
-        return Err(Error::invalid_input(format!(
-            "a statement takes at most {MAX_PARAMETERS} parameters (the protocol's limit), \
-             this one has {count}; split it, or pass an array parameter"
-        )));
-    }
-    Ok(compiled)
 }
 
 /// Sends `request` (polls it once) while holding a transaction's `turn`, so that it
@@ -97,8 +84,15 @@ enum Lent {
     Multiplexed(Ticket),
 }
 
-/// What a statement is run for: its rows, or the count of rows it affected.
-trait Answer: Sized + Send {
+/// What a statement is run for: its rows, its first row, or the count of rows it
+/// affected.
+pub(crate) trait Answer: Sized + Send {
+    /// What a pipeline of several statements keeps of their outcomes.
+    const WANT: Want;
+
+    /// The answer of several statements run in one pipeline.
+    fn of_outcomes(outcomes: Vec<Outcome>) -> Result<Self>;
+
     /// Runs a prepared statement.
     fn prepared<'a>(
         client: &'a Client,
@@ -118,6 +112,15 @@ trait Answer: Sized + Send {
 }
 
 impl Answer for Vec<Row> {
+    const WANT: Want = Want::RowsOfLast;
+
+    fn of_outcomes(outcomes: Vec<Outcome>) -> Result<Self> {
+        match outcomes.into_iter().last() {
+            Some(Outcome::Rows(rows)) => Ok(rows),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     async fn prepared(
         client: &Client,
         statement: &Statement,
@@ -140,6 +143,12 @@ impl Answer for Vec<Row> {
 }
 
 impl Answer for u64 {
+    const WANT: Want = Want::Counts;
+
+    fn of_outcomes(outcomes: Vec<Outcome>) -> Result<Self> {
+        Ok(outcomes.iter().map(Outcome::count).sum())
+    }
+
     async fn prepared(
         client: &Client,
         statement: &Statement,
@@ -181,6 +190,12 @@ impl FirstRow {
 }
 
 impl Answer for FirstRow {
+    const WANT: Want = Want::RowsOfLast;
+
+    fn of_outcomes(outcomes: Vec<Outcome>) -> Result<Self> {
+        Vec::<Row>::of_outcomes(outcomes).map(Self::of)
+    }
+
     async fn prepared(
         client: &Client,
         statement: &Statement,
@@ -312,38 +327,15 @@ impl Runner {
         }
     }
 
-    /// Runs the statements and returns the rows (of the last one, for several: those
-    /// run in one transaction, pipelined).
-    pub(crate) async fn fetch(&self, statements: &[CompiledQuery<'_>]) -> Result<Vec<Row>> {
-        if let [statement] = statements {
-            return self.prepared(statement.sql(), statement.params()).await;
-        }
-        // Boxed: a single statement's future (the usual one) stays small.
-        let outcomes = Box::pin(pipeline::run(self, statements, Want::RowsOfLast)).await?;
-        match outcomes.into_iter().last() {
-            Some(Outcome::Rows(rows)) => Ok(rows),
-            _ => Ok(Vec::new()),
-        }
-    }
-
-    /// [`fetch`](Self::fetch), for the first row and the count of rows only (a single
-    /// statement's rows are not collected).
-    pub(crate) async fn fetch_first(&self, statements: &[CompiledQuery<'_>]) -> Result<FirstRow> {
-        if let [statement] = statements {
-            return self.prepared(statement.sql(), statement.params()).await;
-        }
-        Box::pin(self.fetch(statements)).await.map(FirstRow::of)
-    }
-
-    /// Runs the statements and returns the rows they affected, summed (several run in
-    /// one transaction, pipelined).
-    pub(crate) async fn execute(&self, statements: &[CompiledQuery<'_>]) -> Result<u64> {
-        if let [statement] = statements {
-            return self.prepared(statement.sql(), statement.params()).await;
-        }
-        // Boxed: a single statement's future (the usual one) stays small.
-        let outcomes = Box::pin(pipeline::run(self, statements, Want::Counts)).await?;
-        Ok(outcomes.iter().map(Outcome::count).sum())
+    /// Runs several statements in one transaction (the runner's, or their own),
+    /// pipelined, for the answer `A` of the last one (a count: of them all). Boxed: a
+    /// single statement's future ([`prepared`](Self::prepared)), the usual one, stays
+    /// small.
+    pub(crate) fn pipelined<'a, A: Answer>(
+        &'a self,
+        statements: &'a [CompiledQuery<'_>],
+    ) -> BoxFuture<'a, Result<A>> {
+        Box::pin(async move { A::of_outcomes(pipeline::run(self, statements, A::WANT).await?) })
     }
 
     /// Runs the statements, however many, in one transaction (the runner's, or their
@@ -388,49 +380,34 @@ impl Runner {
     }
 
     /// One statement, prepared once per connection (statement cache), guarded, logged
-    /// and noted. (The hot path: no request future is moved through wrappers, which
-    /// would copy it whole each time.)
-    async fn prepared<A: Answer>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<A> {
-        let result = async {
-            // (Inline, not `admit`: no nested future on the hot path outside a transaction.)
-            let _permit = match &self.transaction {
-                Some(transaction) => Some(transaction.admit().await?),
-                None => None,
-            };
-            let watch = self.context.log.watch(sql, params, self.span());
-            let request = self.connection().request();
-            let result = self.run_prepared::<A>(sql, params).await;
-            request.answered(&result);
-            if let Lent::Multiplexed(ticket) = &self.connection {
-                ticket.answered();
-            }
-            if result.is_ok() {
-                self.connection().ran_statement(sql);
-            }
-            if let Some(watch) = watch {
-                watch.report(result.as_ref(), |answer| Some(answer.row_count()));
-            }
-            result
-        }
-        .await;
-        self.noted(result)
-    }
-
-    /// Runs `sql` as a statement prepared once per connection (statement cache).
+    /// and noted. (The hot path: one state machine, and no request future is moved
+    /// through wrappers, which would copy it whole each time.)
     ///
     /// When the server has invalidated a cached statement (a table it reads changed
     /// shape: SQLSTATE 0A000) or no longer has it (26000), it is dropped from the cache;
     /// outside a transaction the statement is then prepared and run once more, inside
     /// one the error stands (the transaction is aborted) and the next use prepares it
     /// afresh.
-    async fn run_prepared<A: Answer>(
+    pub(crate) async fn prepared<A: Answer>(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<A> {
+        // (Inline, not `admit`: no nested future on the hot path outside a transaction.
+        // The permit is released after the result is noted, so a commit waiting for it
+        // sees the failure.)
+        let _permit = match &self.transaction {
+            Some(transaction) => match transaction.admit().await {
+                Ok(permit) => Some(permit),
+                Err(error) => return self.noted(Err(error)),
+            },
+            None => None,
+        };
+        let watch = self.context.log.watch(sql, params, self.span());
         let connection = self.connection();
+        let guard = connection.request();
         let mut retried = false;
-        loop {
+        let result = loop {
             // Inside a transaction, a statement not yet prepared is prepared and sent in
             // one turn, so no later request overtakes it.
             // (The turn is held across the prepare round trip; `sent_in_turn` gives it
@@ -449,11 +426,27 @@ impl Runner {
                     None => A::unnamed(connection, sql, params).await,
                 }
             });
-            match sent_in_turn(turn, request).await {
+            let answer = match turn {
+                // Outside a transaction, awaited here: no `sent_in_turn` future between.
+                None => request.await,
+                turn => sent_in_turn(turn, request).await,
+            };
+            match answer {
                 Err(error) if self.retry_stale(sql, &error, &mut retried) => {}
-                answer => return answer,
+                answer => break answer,
             }
+        };
+        guard.answered(&result);
+        if let Lent::Multiplexed(ticket) = &self.connection {
+            ticket.answered();
         }
+        if result.is_ok() {
+            connection.ran_statement(sql);
+        }
+        if let Some(watch) = watch {
+            watch.report(result.as_ref(), |answer| Some(answer.row_count()));
+        }
+        self.noted(result)
     }
 
     /// After a prepared statement failed: whether to prepare `sql` afresh and run it

@@ -4,7 +4,9 @@
 //! task started with `tokio::spawn` does not inherit it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use futures::FutureExt;
 use smallvec::SmallVec;
 
 use super::state::TxShared;
@@ -39,8 +41,34 @@ tokio::task_local! {
     static AMBIENT: Scopes;
 }
 
+/// How many scopes exist in the process, entered or not yet: while there are none, no
+/// task is inside one, and a query skips the task-local lookup (an atomic load instead).
+///
+/// `Relaxed` is enough: a task inside a scope reads the count after its own increment
+/// (which happens before its scope is entered), so it never reads 0 there.
+static SCOPES: AtomicUsize = AtomicUsize::new(0);
+
+/// One scope counted in [`SCOPES`] for as long as it lives.
+struct Counted;
+
+impl Counted {
+    fn new() -> Self {
+        SCOPES.fetch_add(1, Ordering::Relaxed);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        SCOPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// `f` of the innermost scope of the engine `engine_id` on this task, if it has one.
 fn find<T>(engine_id: u64, f: impl FnOnce(&Scope) -> T) -> Option<T> {
+    if SCOPES.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
     AMBIENT
         .try_with(|ambient| {
             ambient
@@ -72,7 +100,11 @@ pub(crate) fn scope<F: Future>(
     let mut ambient = AMBIENT.try_with(Scopes::clone).unwrap_or_default();
     ambient.retain(|(id, _)| *id != engine_id);
     ambient.push((engine_id, scope));
-    AMBIENT.scope(ambient, future)
+    let counted = Counted::new();
+    AMBIENT.scope(ambient, future).map(move |output| {
+        drop(counted);
+        output
+    })
 }
 
 /// Where a query through the engine runs: in the ambient transaction when there is
@@ -106,4 +138,22 @@ pub(crate) async fn runner_for_statement(
     }
     let connection = context.pool.get().await?;
     Ok(Runner::pooled(context.clone(), connection))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_is_counted_for_as_long_as_it_lives() {
+        // (No other unit test opens a scope: the count is this test's alone.)
+        assert_eq!(SCOPES.load(Ordering::Relaxed), 0);
+        assert!(current(1).is_none());
+        let outer = Counted::new();
+        let inner = Counted::new();
+        assert_eq!(SCOPES.load(Ordering::Relaxed), 2);
+        drop(inner);
+        drop(outer);
+        assert_eq!(SCOPES.load(Ordering::Relaxed), 0);
+    }
 }

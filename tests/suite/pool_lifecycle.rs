@@ -248,6 +248,59 @@ async fn a_dead_idle_connection_is_not_handed_out() {
     );
 }
 
+/// What the server last ran on the engine's one pooled connection when the pool hands
+/// it out again after `idle`, before anything else is sent on it.
+async fn last_query_after_idle(
+    db: &pgengine_testing::TestDatabase,
+    engine: &PostgresEngine,
+    idle: Duration,
+) -> String {
+    let pid = backend_pid(engine).await;
+    let observer = db.connect().await.unwrap();
+    tokio::time::sleep(idle).await;
+    engine
+        .with_client(|_client| {
+            Box::pin(async move {
+                let row = observer
+                    .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                    .await
+                    .map_err(pgengine::Error::from)?;
+                Ok::<_, pgengine::Error>(row.get(0))
+            })
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_health_check_after_is_checked_before_reuse() {
+    let db = pgengine_testing::TestDatabase::new().await.unwrap();
+    let engine = common::builder(&db)
+        .max_connections(1)
+        .health_check_after(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // Idle past the bound: an empty query went out before the hand-out.
+    let idle = Duration::from_millis(600);
+    assert_eq!(last_query_after_idle(&db, &engine, idle).await, "");
+    // Not idle long enough: handed out as it was left.
+    assert_eq!(
+        last_query_after_idle(&db, &engine, Duration::ZERO).await,
+        "SELECT pg_backend_pid()"
+    );
+    // The default bound is 60 s.
+    let default = common::builder(&db)
+        .max_connections(1)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        last_query_after_idle(&db, &default, idle).await,
+        "SELECT pg_backend_pid()"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_counts_waits_and_timeouts() {
     let db = pgengine_testing::TestDatabase::new().await.unwrap();

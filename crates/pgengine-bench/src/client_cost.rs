@@ -1,7 +1,10 @@
 //! `client-cost`: one workload's calls (point selects by default) run one at a time in
 //! this process, so that a tool such as `valgrind --tool=callgrind` can count the
 //! client's instructions per call: a figure that, unlike a rate on a shared machine, is
-//! the same from run to run.
+//! the same from run to run. It runs on a one-thread runtime (see `main`): with worker
+//! threads, which of them ran the caller and the connection's task, and how often each
+//! slept and woke, changed from run to run, and the count with it (by up to ~1,000
+//! instructions per point select); on one thread it repeats to the instruction.
 //!
 //! ```sh
 //! for n in 1000 3000; do

@@ -91,9 +91,22 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
+    // `client-cost` runs on one thread: its caller and the connection tasks it wakes
+    // share that thread, so the count does not depend on which thread ran what (on
+    // several, it swung by ~1,000 instructions per call from run to run).
+    let runtime = match cli.command {
+        Some(Command::ClientCost { .. }) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(dispatch(cli))
+}
+
+/// Runs the command `cli` names, or the benchmark proper.
+async fn dispatch(cli: Cli) -> Result<()> {
     match &cli.command {
         Some(Command::StreamChild {
             system,

@@ -211,17 +211,23 @@ impl QueryString {
     /// What [`sql!`](crate::sql) builds from a literal template: `sql` is the template's
     /// `$n` form, checked against the arguments while the program compiled.
     #[doc(hidden)]
+    #[inline]
     pub fn precompiled<const N: usize>(
         template: &'static str,
         sql: &'static str,
         args: [Arg; N],
     ) -> Self {
-        // Pushed one by one: `collect` into the small vector costs several times more
-        // for the few arguments a query has (this runs for every `sql!` query).
-        let mut held = Args::new();
-        for arg in args {
-            held.push(arg);
-        }
+        // Moved in as one buffer when they fit (this runs for every `sql!` query): the
+        // places past the arguments hold a filler that owns nothing, never read and
+        // never dropped.
+        let held = if N <= INLINE_ARGS {
+            let mut given = args.into_iter();
+            let filler = || Arg(ArgKind::Value(Value::Bool(false)));
+            let buffer = std::array::from_fn(|_| given.next().unwrap_or_else(filler));
+            Args::from_buf_and_len(buffer, N)
+        } else {
+            args.into_iter().collect()
+        };
         Self {
             template: Cow::Borrowed(template),
             args: held,
@@ -328,11 +334,16 @@ impl QueryString {
     /// The arguments as parameters, in order; `None` when one is a nested query. (A
     /// loop rather than `collect` into an `Option`: this runs for every query.)
     fn values(&self) -> Option<Params<'_>> {
-        let mut params = Params::with_capacity(self.args.len());
-        for arg in &self.args {
-            params.push(arg.as_value()?);
+        if self.args.len() <= INLINE {
+            // Written in place: no length check per parameter.
+            let mut inline = [UNUSED; INLINE];
+            for (slot, arg) in inline.iter_mut().zip(&self.args) {
+                *slot = arg.as_value()?;
+            }
+            return Some(Params::Inline(self.args.len(), inline));
         }
-        Some(params)
+        let values = self.args.iter().map(Arg::as_value);
+        Some(Params::Heap(values.collect::<Option<_>>()?))
     }
 
     /// Appends this query's SQL and parameters, nested queries spliced in. A loop with

@@ -11,7 +11,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use deadpool_postgres::{ClientWrapper, Connect};
@@ -73,9 +73,8 @@ struct SessionParts {
     server: Option<Arc<ServerAddress>>,
     /// Lives as long as the session (its statements are closed with it).
     statements: Recency,
-    /// When the pool last handed the session out (or opened it), on
-    /// [`lifecycle::coarse_now`]'s clock.
-    handed_out_at: Duration,
+    /// When the pool last handed the session out (or opened it).
+    handed_out_at: Instant,
 }
 
 impl std::fmt::Debug for Session {
@@ -94,16 +93,16 @@ impl Session {
             client,
             server,
             statements: Recency::default(),
-            handed_out_at: lifecycle::coarse_now(),
+            handed_out_at: Instant::now(),
         }))
     }
 
     /// Records that the pool hands the session out again, and returns how long it was
     /// idle: since it was last handed out, or opened.
     fn handed_out_again(&mut self) -> Duration {
-        let now = lifecycle::coarse_now();
+        let now = Instant::now();
         let before = std::mem::replace(&mut self.0.handed_out_at, now);
-        now.saturating_sub(before)
+        now.saturating_duration_since(before)
     }
 
     /// The statements prepared on this session (see

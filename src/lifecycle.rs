@@ -181,19 +181,6 @@ pub(crate) fn recycle<'a>(
     })))
 }
 
-/// The time on a monotonic clock that is cheap to read, for how long a connection was
-/// idle: on Linux the kernel's coarse clock (read without the time-stamp counter; its
-/// resolution, a few milliseconds, is far finer than any idle bound), which makes the
-/// check before each reuse cost a third of what `Instant::now` would.
-pub(crate) fn coarse_now() -> Duration {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    let clock = rustix::time::ClockId::MonotonicCoarse;
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let clock = rustix::time::ClockId::Monotonic;
-    let now = rustix::time::clock_gettime(clock);
-    Duration::new(now.tv_sec.unsigned_abs(), now.tv_nsec as u32)
-}
-
 /// The request [`recycle`] asks for before a connection is reused.
 pub(crate) type RecycleCheck<'a> =
     Pin<Box<dyn Future<Output = Result<(), RecycleError<tokio_postgres::Error>>> + Send + 'a>>;

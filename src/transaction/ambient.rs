@@ -100,8 +100,13 @@ pub(crate) fn scope<F: Future>(
     let mut ambient = AMBIENT.try_with(Scopes::clone).unwrap_or_default();
     ambient.retain(|(id, _)| *id != engine_id);
     ambient.push((engine_id, scope));
+    counted(AMBIENT.scope(ambient, future))
+}
+
+/// `future`, counted in [`SCOPES`] from now until it finishes or is dropped.
+fn counted<F: Future>(future: F) -> impl Future<Output = F::Output> {
     let counted = Counted::new();
-    AMBIENT.scope(ambient, future).map(move |output| {
+    future.map(move |output| {
         drop(counted);
         output
     })
@@ -144,16 +149,20 @@ pub(crate) async fn runner_for_statement(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_scope_is_counted_for_as_long_as_it_lives() {
-        // (No other unit test opens a scope: the count is this test's alone.)
-        assert_eq!(SCOPES.load(Ordering::Relaxed), 0);
-        assert!(current(1).is_none());
-        let outer = Counted::new();
-        let inner = Counted::new();
-        assert_eq!(SCOPES.load(Ordering::Relaxed), 2);
-        drop(inner);
-        drop(outer);
-        assert_eq!(SCOPES.load(Ordering::Relaxed), 0);
+    fn count() -> usize {
+        SCOPES.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_counted_until_it_finishes_or_is_dropped() {
+        // (No other unit test opens a scope: the count moves for this test alone.)
+        let before = count();
+        let finished = counted(std::future::ready(7));
+        let dropped = counted(std::future::ready(8));
+        assert_eq!(count(), before + 2);
+        assert_eq!(finished.await, 7);
+        assert_eq!(count(), before + 1);
+        drop(dropped); // never polled
+        assert_eq!(count(), before);
     }
 }

@@ -453,9 +453,13 @@ impl<Attempts> TransactionBuilder<Attempts> {
             // each move; a box is moved as a pointer.
             let body = start_body(next_body(), &tx);
             let scope = ambient::Scope::new(tx.shared().clone());
-            let outcome = ambient::scope(engine_id, scope, body)
-                .instrument(tx.shared().span().clone())
-                .await;
+            let scoped = ambient::scope(engine_id, scope, body);
+            // The body is polled at each of its statements: entered only when traced.
+            let span = tx.shared().span();
+            let outcome = match span.is_disabled() {
+                true => scoped.await,
+                false => scoped.instrument(span.clone()).await,
+            };
             let retryable = match outcome {
                 Err(panic) => {
                     let _ = tx.finish_if_active(Finish::Rollback).await;

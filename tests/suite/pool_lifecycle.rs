@@ -255,8 +255,8 @@ async fn last_query_after_idle(
     engine: &PostgresEngine,
     idle: Duration,
 ) -> String {
-    let pid = backend_pid(engine).await;
     let observer = db.connect().await.unwrap();
+    let pid = backend_pid(engine).await;
     tokio::time::sleep(idle).await;
     engine
         .with_client(|_client| {

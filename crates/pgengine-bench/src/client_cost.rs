@@ -19,8 +19,9 @@
 //! that offers TLS, add `sslmode=disable` too: pgengine's default `sslmode=prefer` (as
 //! libpq's) would encrypt while the other clients here connect without TLS.
 //!
-//! The server at the URL needs the benchmark's tables: `pgbench -i`, and
-//! `CREATE TABLE bench_atomic (a int NOT NULL, b text NOT NULL)`.
+//! The server at the URL needs the benchmark's tables: `pgbench -i`, and `bench_atomic`
+//! and `bench_bulk`, each `(a int NOT NULL, b text NOT NULL)` (tokio-postgres's session
+//! prepares its statements on both when it opens).
 
 use anyhow::{Context, Result, bail};
 use rand::SeedableRng;

@@ -369,8 +369,10 @@ impl Report {
                  per-query work and two wake-ups. All Rust systems use prepared statements \
                  (pgengine and deadpool cache them per connection; sqlx does too), so the gaps \
                  between them are per-query client overhead: pool checkout, cache lookup, \
-                 row decoding. Piccolo pays the Python interpreter and asyncpg's Record → dict \
-                 conversion on every query."
+                 row decoding: pgengine spends about 14,450 client instructions per query, \
+                 deadpool 14,500 and tokio-postgres, with no pool, 12,100 (callgrind, \
+                 `client-cost --workload point-select1`, on one thread). Piccolo pays the \
+                 Python interpreter and asyncpg's Record → dict conversion on every query."
             }
             Workload::PointSelect32 => {
                 "32 clients on 2 cores: the 32 server backends and the client share the same \
@@ -419,9 +421,9 @@ impl Report {
                  the UPDATEs of the 10 `pgbench_branches` rows at scale 10 contend on row locks, \
                  which serializes part of the work and narrows the differences between clients. \
                  The Rust clients' own work per transaction differs (count it with the \
-                 `client-cost` subcommand under callgrind): pgengine spends about 116,000 \
-                 instructions per transaction where tokio-postgres spends 95,600 and deadpool \
-                 102,100 — its transaction state (the admission and turn that keep concurrent \
+                 `client-cost` subcommand under callgrind, on one thread): pgengine spends \
+                 about 92,800 instructions per transaction where tokio-postgres spends 75,000 \
+                 and deadpool 80,700 — its transaction state (the admission and turn that keep concurrent \
                  requests of one transaction in order), the ambient scope, the boxed body that \
                  keeps nested transactions' frames small, and the statement cache — and on 2 \
                  shared cores each microsecond the client spends is \
@@ -504,8 +506,8 @@ impl Report {
                 "BEGIN; COMMIT; at c=16. The server assigns no transaction id and writes no WAL, \
                  so this is pure client and protocol overhead: two round trips per transaction, \
                  pool checkout and connection-state bookkeeping. pgbench's lead is client CPU, as \
-                 in workload 2. pgengine's transaction costs about 27,300 client instructions \
-                 against deadpool's 25,200 (callgrind, `client-cost --workload empty-tx`): its \
+                 in workload 2. pgengine's transaction costs about 22,700 client instructions \
+                 against deadpool's 20,400 (callgrind, `client-cost --workload empty-tx`): its \
                  transaction state and the COMMIT whose tag is read (an aborted transaction \
                  answers ROLLBACK; it goes over the simple protocol, as deadpool's does), which \
                  on 2 shared cores is most of its gap here; single runs swing by 10–25%."

@@ -16,9 +16,10 @@
 //! no `tracing` subscriber at all, none is made (not even for `tracing`'s `log`
 //! fallback, which would otherwise format every span's fields).
 
+use futures::future::Either;
 use tokio_postgres::config::Host;
-use tracing::Span;
 use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::error::{Error, ErrorKind};
 
@@ -145,6 +146,16 @@ fn child_span(parent: Option<&Span>, make: impl FnOnce(Option<tracing::Id>) -> S
             .flatten(),
     };
     make(parent)
+}
+
+/// `future`, entered in `span` at each of its polls when the span is enabled; as it is
+/// when not (entering and leaving a disabled span still cost a call each, at every
+/// poll).
+pub(crate) fn in_span<F: Future>(span: &Span, future: F) -> impl Future<Output = F::Output> {
+    match span.is_disabled() {
+        true => Either::Left(future),
+        false => Either::Right(future.instrument(span.clone())),
+    }
 }
 
 /// Records `error` on `span`: its SQLSTATE (a database error) or the engine's kind of

@@ -13,20 +13,20 @@ mod copy;
 mod pipeline;
 
 use std::sync::Arc;
-use std::task::Poll;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::MutexGuard;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, RowStream, Statement};
-use tracing::{Instrument, Span};
+use tracing::Span;
 
 use crate::context::EngineContext;
 use crate::error::{Error, Result};
 use crate::multiplex::Ticket;
 use crate::pool::Connection;
 use crate::query::{CompiledQuery, OneOrMany, QueryString};
+use crate::telemetry;
 use crate::transaction::state::{RequestPermit, TxShared};
 
 use pipeline::{Outcome, Want};
@@ -48,18 +48,20 @@ pub(crate) fn compile_all(statements: &[QueryString]) -> Result<OneOrMany<Compil
 /// reaches the server behind the requests polled before it, then lets the next request
 /// send and waits for the answer. Without a turn, just runs it. (The request is pinned
 /// by the caller: it lives once, in the caller's future, not again in this one.)
+///
+/// A first poll that is pending has registered the request's wake-up: the turn is
+/// given up and the task yields, rather than polling the request again at once (which
+/// would only find it pending once more: a wasted poll per statement).
 async fn sent_in_turn<F: Future>(
-    turn: Option<MutexGuard<'_, ()>>,
+    mut turn: Option<MutexGuard<'_, ()>>,
     mut request: std::pin::Pin<&mut F>,
 ) -> F::Output {
-    let Some(turn) = turn else {
-        return request.await;
-    };
-    if let Poll::Ready(output) = futures::poll!(request.as_mut()) {
-        return output;
-    }
-    drop(turn);
-    request.await
+    std::future::poll_fn(move |cx| {
+        let polled = request.as_mut().poll(cx);
+        drop(turn.take());
+        polled
+    })
+    .await
 }
 
 /// Runs statements on one connection for one operation: a pooled connection, or the
@@ -360,12 +362,12 @@ impl Runner {
     pub(crate) async fn simple(&self, sql: &str) -> Result<()> {
         let _permit = self.admit().await?;
         let turn = self.turn().await;
-        let span = self.span().cloned().unwrap_or_else(Span::none);
-        let request = std::pin::pin!(
-            self.context
-                .run_simple(self.connection(), sql)
-                .instrument(span)
-        );
+        let untraced = Span::none();
+        let span = self.span().unwrap_or(&untraced);
+        let request = std::pin::pin!(telemetry::in_span(
+            span,
+            self.context.run_simple(self.connection(), sql)
+        ));
         let result = sent_in_turn(turn, request).await;
         self.noted(result)
     }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use futures::FutureExt;
 use smallvec::SmallVec;
 
 use super::state::TxShared;
@@ -34,8 +33,30 @@ impl Scope {
 }
 
 /// The innermost scope of each engine with a transaction on the task: inline for the
-/// usual one engine (the list allocates nothing then).
-type Scopes = SmallVec<[(u64, Scope); 1]>;
+/// usual one engine (the list allocates nothing then). Counted in [`SCOPES`] for as
+/// long as it lives: a scope's future holds it until the future is dropped.
+struct Scopes {
+    list: SmallVec<[(u64, Scope); 1]>,
+    _counted: Counted,
+}
+
+impl Default for Scopes {
+    fn default() -> Self {
+        Self {
+            list: SmallVec::new(),
+            _counted: Counted::new(),
+        }
+    }
+}
+
+impl Clone for Scopes {
+    fn clone(&self) -> Self {
+        Self {
+            list: self.list.clone(),
+            _counted: Counted::new(),
+        }
+    }
+}
 
 tokio::task_local! {
     static AMBIENT: Scopes;
@@ -72,6 +93,7 @@ fn find<T>(engine_id: u64, f: impl FnOnce(&Scope) -> T) -> Option<T> {
     AMBIENT
         .try_with(|ambient| {
             ambient
+                .list
                 .iter()
                 .find(|(id, _)| *id == engine_id)
                 .map(|(_, scope)| f(scope))
@@ -98,18 +120,9 @@ pub(crate) fn scope<F: Future>(
     future: F,
 ) -> impl Future<Output = F::Output> {
     let mut ambient = AMBIENT.try_with(Scopes::clone).unwrap_or_default();
-    ambient.retain(|(id, _)| *id != engine_id);
-    ambient.push((engine_id, scope));
-    counted(AMBIENT.scope(ambient, future))
-}
-
-/// `future`, counted in [`SCOPES`] from now until it finishes or is dropped.
-fn counted<F: Future>(future: F) -> impl Future<Output = F::Output> {
-    let counted = Counted::new();
-    future.map(move |output| {
-        drop(counted);
-        output
-    })
+    ambient.list.retain(|(id, _)| *id != engine_id);
+    ambient.list.push((engine_id, scope));
+    AMBIENT.scope(ambient, future)
 }
 
 /// Where a query through the engine runs: in the ambient transaction when there is
@@ -154,15 +167,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_scope_is_counted_until_it_finishes_or_is_dropped() {
+    async fn a_scope_is_counted_until_its_future_is_dropped() {
         // (No other unit test opens a scope: the count moves for this test alone.)
         let before = count();
-        let finished = counted(std::future::ready(7));
-        let dropped = counted(std::future::ready(8));
+        let finished = AMBIENT.scope(Scopes::default(), std::future::ready(7));
+        let dropped = AMBIENT.scope(Scopes::default(), std::future::ready(8));
         assert_eq!(count(), before + 2);
-        assert_eq!(finished.await, 7);
+        assert_eq!(finished.await, 7); // awaited: consumed, its value dropped
         assert_eq!(count(), before + 1);
         drop(dropped); // never polled
+        assert_eq!(count(), before);
+    }
+
+    #[test]
+    fn a_nested_scope_counts_as_one_more() {
+        let before = count();
+        let outer = Scopes::default();
+        let nested = outer.clone();
+        assert_eq!(count(), before + 2);
+        drop(outer);
+        drop(nested);
         assert_eq!(count(), before);
     }
 }

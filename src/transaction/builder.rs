@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tracing::Instrument;
 
 use super::ambient;
 use super::handle::PostgresTransaction;
@@ -18,6 +17,7 @@ use super::state::TxShared;
 use crate::context::{EngineContext, Finish};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
+use crate::telemetry;
 
 /// What a transaction started inside another one (on the same task, same engine) does.
 ///
@@ -454,12 +454,7 @@ impl<Attempts> TransactionBuilder<Attempts> {
             let body = start_body(next_body(), &tx);
             let scope = ambient::Scope::new(tx.shared().clone());
             let scoped = ambient::scope(engine_id, scope, body);
-            // The body is polled at each of its statements: entered only when traced.
-            let span = tx.shared().span();
-            let outcome = match span.is_disabled() {
-                true => scoped.await,
-                false => scoped.instrument(span.clone()).await,
-            };
+            let outcome = telemetry::in_span(tx.shared().span(), scoped).await;
             let retryable = match outcome {
                 Err(panic) => {
                     let _ = tx.finish_if_active(Finish::Rollback).await;
@@ -616,13 +611,11 @@ impl<Attempts> TransactionBuilder<Attempts> {
         let span = context.log.telemetry().transaction_span(attempt);
         // Marked first: if BEGIN fails or is abandoned, the connection is rolled back.
         connection.set_in_transaction(true);
-        let begun = context
-            .run_simple(&connection, &self.begin_sql())
-            .instrument(span.clone())
-            .await;
+        let begun =
+            telemetry::in_span(&span, context.run_simple(&connection, &self.begin_sql())).await;
         if let Err(error) = &begun {
             span.record("db.transaction.outcome", "rollback");
-            crate::telemetry::record_error(&span, error);
+            telemetry::record_error(&span, error);
         }
         begun?;
         Ok(PostgresTransaction::outermost(Arc::new(TxShared::new(

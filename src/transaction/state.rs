@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{RwLock, RwLockReadGuard};
-use tracing::Instrument;
 use tracing::Span;
 
 use crate::context::{EngineContext, Finish};
 use crate::error::{DatabaseError, Error, ErrorKind, Result};
 use crate::identifier::quote_identifier;
 use crate::pool::Connection;
+use crate::telemetry;
 
 /// The state every handle of one transaction shares.
 pub(crate) struct TxShared {
@@ -211,11 +211,8 @@ impl TxShared {
                 (_, phase) => return Err(finished_error(phase)),
             }
         };
-        let result = self
-            .context
-            .run_simple(&connection, sql)
-            .instrument(self.span.clone())
-            .await;
+        let result =
+            telemetry::in_span(&self.span, self.context.run_simple(&connection, sql)).await;
         if let Err(error) = &result {
             self.note_failure(error);
         }
@@ -247,10 +244,8 @@ impl TxShared {
             let cause = state.aborted.first().map(|(cause, _)| cause.clone());
             (connection, cause.or(abandoned))
         };
-        let result = self
-            .send_end(&connection, finish, aborted_by)
-            .instrument(self.span.clone())
-            .await;
+        let result =
+            telemetry::in_span(&self.span, self.send_end(&connection, finish, aborted_by)).await;
         let outcome = match (finish, &result) {
             (Finish::Commit, Ok(())) => "commit",
             (Finish::Commit, Err(error)) if error.is_outcome_unknown() => "unknown",
@@ -258,7 +253,7 @@ impl TxShared {
         };
         self.span.record("db.transaction.outcome", outcome);
         if let Err(error) = &result {
-            crate::telemetry::record_error(&self.span, error);
+            telemetry::record_error(&self.span, error);
         }
         let mut state = self.lock();
         state.phase = match (finish, &result) {

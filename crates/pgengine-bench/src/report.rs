@@ -369,8 +369,8 @@ impl Report {
                  per-query work and two wake-ups. All Rust systems use prepared statements \
                  (pgengine and deadpool cache them per connection; sqlx does too), so the gaps \
                  between them are per-query client overhead: pool checkout, cache lookup, \
-                 row decoding: pgengine spends about 14,450 client instructions per query, \
-                 deadpool 14,500 and tokio-postgres, with no pool, 12,100 (callgrind, \
+                 row decoding: pgengine spends about 14,500 client instructions per query, \
+                 deadpool 14,500 and tokio-postgres, with no pool, 12,150 (callgrind, \
                  `client-cost --workload point-select1`, on one thread). Piccolo pays the \
                  Python interpreter and asyncpg's Record → dict conversion on every query."
             }
@@ -386,7 +386,12 @@ impl Report {
                  4 shared connections: 4 backends instead of 32 (see workload 1 at c=128 for \
                  why that frees the CPU); its lower p50 is the same effect, the backends are \
                  not waiting in the run queue. Here the client's own CPU per query becomes the \
-                 limit: at this rate it takes about one of the two cores."
+                 limit: at this rate it takes about one of the two cores. tokio-postgres runs \
+                 here with a connection of its own per caller and no pool: pgengine and \
+                 deadpool check a connection out of a pool and back for every query (their \
+                 client instructions per query are level, about 2,300 above tokio-postgres's, \
+                 workload 1), which on 2 shared cores is a few percent of the server's CPU. \
+                 Repetitions at this concurrency swing by ±10%."
             }
             Workload::PointSelect128 => {
                 "Workload 1 with 128 clients. With a connection per caller (pgengine, deadpool, \
@@ -422,7 +427,7 @@ impl Report {
                  which serializes part of the work and narrows the differences between clients. \
                  The Rust clients' own work per transaction differs (count it with the \
                  `client-cost` subcommand under callgrind, on one thread): pgengine spends \
-                 about 92,800 instructions per transaction where tokio-postgres spends 75,000 \
+                 about 90,600 instructions per transaction where tokio-postgres spends 75,000 \
                  and deadpool 80,700 — its transaction state (the admission and turn that keep concurrent \
                  requests of one transaction in order), the ambient scope, the boxed body that \
                  keeps nested transactions' frames small, and the statement cache — and on 2 \

@@ -167,8 +167,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_scope_is_counted_until_its_future_is_dropped() {
-        // (No other unit test opens a scope: the count moves for this test alone.)
+    async fn a_scope_is_counted_until_its_future_is_dropped_and_a_nested_one_counts_once_more() {
+        // One test: no other unit test opens a scope, so the count moves for it alone.
         let before = count();
         let finished = AMBIENT.scope(Scopes::default(), std::future::ready(7));
         let dropped = AMBIENT.scope(Scopes::default(), std::future::ready(8));
@@ -177,11 +177,7 @@ mod tests {
         assert_eq!(count(), before + 1);
         drop(dropped); // never polled
         assert_eq!(count(), before);
-    }
 
-    #[test]
-    fn a_nested_scope_counts_as_one_more() {
-        let before = count();
         let outer = Scopes::default();
         let nested = outer.clone();
         assert_eq!(count(), before + 2);

@@ -428,11 +428,11 @@ impl Report {
                  The Rust clients' own work per transaction differs (count it with the \
                  `client-cost` subcommand under callgrind, on one thread): pgengine spends \
                  about 90,600 instructions per transaction where tokio-postgres spends 75,000 \
-                 and deadpool 80,700 — its transaction state (the admission and turn that keep concurrent \
-                 requests of one transaction in order), the ambient scope, the boxed body that \
-                 keeps nested transactions' frames small, and the statement cache — and on 2 \
-                 shared cores each microsecond the client spends is \
-                 one the server does not get, while a slower client also holds the branch row \
+                 and deadpool 80,700 — its transaction state (the admission and turn that \
+                 keep concurrent requests of one transaction in order), the ambient scope, the \
+                 boxed body that keeps nested transactions' frames small, and the statement \
+                 cache — and on 2 shared cores each microsecond the client spends is one the \
+                 server does not get, while a slower client also holds the branch row \
                  locks longer: that is pgengine's gap here. pgbench's lead is client CPU too: \
                  libpq spends fewer than tokio's wake-ups. Single runs on this machine swing by \
                  10–25%."
